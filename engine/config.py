@@ -1,0 +1,307 @@
+"""Typed run configuration: one dataclass per room, built from a YAML recipe plus overrides.
+
+    cfg = load_config("hybrid", ["optim.lr=2e-4", "model.path=/ckpt/Qwen2.5-Omni-7B"])
+
+`--recipe NAME` reads `recipes/NAME.yaml` (or a path to a YAML file). Each trailing
+`key=value` overrides one dotted key; the value is parsed as YAML (`2e-4`, `true`, `[asr, sum]`)
+and checked against the field's type. Every mistake gets an error that names the key, the
+value and what to do: unknown keys list the nearest valid ones, a missing recipe lists the
+recipes that exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from loaders.config import DataConfig
+from loaders.curriculum import ScheduleConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+# LoRA targets: the LLM's attention and MLP projections. The audio encoder also has
+# q_proj/k_proj/v_proj, so targets are matched only under the LLM's decoder layers.
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override the engine cannot use; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | 7b (random init, real shapes) ; ignored when path is set
+    path: str = ""  # local Hugging Face Qwen2.5-Omni checkpoint folder
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    train_audio_encoder: bool = False
+    attn_backend: str = "auto"  # auto | sdpa | eager
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0  # seed of the random init of the presets
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    impl: str = "auto"  # auto | triton | reference
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class LossConfig:
+    impl: str = "auto"  # auto | triton | reference | naive
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep: int = 2
+    resume: str = "auto"  # auto | never | PATH of a step folder
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: float = 0.0  # override of the device's peak bf16 dense TFLOP/s; 0 = from the device table
+
+
+@dataclass
+class ProfilerConfig:
+    enabled: bool = False
+    wait: int = 1
+    warmup: int = 1
+    active: int = 2
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between validations; 0 = at stage boundaries and at the end only
+    max_samples: int = 32  # generation pass bound (per run, split across ranks)
+    max_new_tokens: int = 48
+    at_end: bool = True
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests of the engine's safety nets. Leave empty in real runs."""
+
+    nonfinite_loss_at: list[int] = field(default_factory=list)  # steps whose loss is made NaN
+    stop_after_steps: int = 0  # end the run after this step, checkpoint first, as a preempted job would
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "custom"
+    output_dir: str = ""  # default: runs/<recipe>-<UTC timestamp>
+    max_steps: int = 100
+    max_tokens: int = 0  # 0 = bounded by max_steps only
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# --- recipes and overrides -------------------------------------------------------------
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(
+        f"recipe '{name_or_path}' not found (looked for {p if p.suffix else candidate}). "
+        f"Recipes that exist: {', '.join(available_recipes())}; or pass a path to a YAML file."
+    )
+
+
+def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Recipe YAML + `key=value` overrides -> a checked RunConfig."""
+    raw: dict = {}
+    name = "custom"
+    if recipe:
+        path = recipe_path(recipe)
+        name = path.stem
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path} must be a YAML mapping of settings, got {type(raw).__name__}")
+        raw.setdefault("recipe", name)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = build_dataclass(RunConfig, raw, prefix="")
+    if not cfg.output_dir:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        cfg.output_dir = str(Path("runs") / f"{cfg.recipe}-{stamp}")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=2e-4)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: object) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def all_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def build_dataclass(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}{key}"
+            near = difflib.get_close_matches(dotted, all_keys(), n=3, cutoff=0.5)
+            near += [k for k in all_keys() if k.endswith("." + key) and k not in near]
+            hint = f" Did you mean: {', '.join(near[:4])}?" if near else ""
+            raise ConfigError(f"unknown config key '{dotted}'.{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        value = raw[f.name]
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' is a section; give its fields (e.g. {dotted}.<field>=...)")
+            kwargs[f.name] = build_dataclass(hint, value, dotted + ".")
+        else:
+            kwargs[f.name] = check_type(dotted, value, hint)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from e
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_type(key: str, value, hint):
+    """Return value converted to `hint` where that is lossless (int -> float), else raise."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': value {value!r} is not of type {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': value {value!r} should be a list ({_type_name(hint)}), e.g. {key}=[a,b]")
+        (item,) = args or (typing.Any,)
+        return [check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': value {value!r} should be a mapping ({_type_name(hint)})")
+        return value
+    if hint is typing.Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(
+        f"config key '{key}': value {value!r} ({type(value).__name__}) is not of the expected type {_type_name(hint)}"
+    )
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,214 @@
+"""Throughput, MFU, memory and the per-step log line; metrics.jsonl, TensorBoard, summary.json.
+
+MFU (model FLOPs utilization) = useful FLOPs per second / the device's peak bf16 dense rate.
+Useful FLOPs of one LoRA training step, written out (N_* are parameter counts):
+
+  LLM linear layers   4 * N_llm * T        forward 2N, backward 2N for the input gradient only
+                                           (the base weights are frozen: no weight gradient)
+  LoRA adapters       6 * N_lora * T       forward, input and weight gradients
+  attention           6 * L * d * sum_i s_i^2
+                                           causal QK^T and AV forward = 2 * s^2 * d per layer
+                                           (half of the 4 s^2 d of full attention), backward 2x
+  lm_head             4 * H * V * T_tgt    only target rows reach the vocabulary projection
+  audio encoder       2 * N_enc * P        forward only while frozen; P = encoder positions
+                                           (mel frames after the stride-2 conv)
+
+T = real (non-padding) tokens, s_i = length of sample i, d = heads * head_dim, T_tgt = target
+tokens. Padding is not counted: MFU measures useful work, so padding shows up as lost MFU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Peak dense bf16 tensor-core TFLOP/s by device name (vendor datasheets, without sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of the device, or None where no peak is known (CPU): MFU is then not reported."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # longest-match first: dict order above
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@dataclass
+class FlopsModel:
+    n_llm: int  # LLM linear-layer parameters (decoder layers, base weights)
+    n_lora: int
+    n_layers: int
+    attn_dim: int  # heads * head_dim
+    hidden: int
+    vocab: int
+    n_encoder: int  # audio encoder parameters
+
+    def step_flops(self, *, tokens: int, sum_sq_lengths: int, target_tokens: int, encoder_positions: int) -> float:
+        return (4 * self.n_llm * tokens + 6 * self.n_lora * tokens
+                + 6 * self.n_layers * self.attn_dim * sum_sq_lengths
+                + 4 * self.hidden * self.vocab * target_tokens
+                + 2 * self.n_encoder * encoder_positions)
+
+
+def flops_model_of(model) -> FlopsModel:
+    text_cfg = model.thinker.config.get_text_config()
+    n_llm = n_lora = 0
+    for name, p in model.llm.named_parameters():
+        if ".layers." not in f".{name}" or p.dim() < 2:
+            continue
+        if name.endswith("lora_A") or name.endswith("lora_B"):
+            n_lora += p.numel()
+        else:
+            n_llm += p.numel()
+    n_enc = sum(p.numel() for p in model.audio_tower.parameters())
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    return FlopsModel(n_llm=n_llm, n_lora=n_lora, n_layers=text_cfg.num_hidden_layers,
+                      attn_dim=text_cfg.num_attention_heads * head_dim, hidden=text_cfg.hidden_size,
+                      vocab=text_cfg.vocab_size, n_encoder=n_enc)
+
+
+def batch_flops_inputs(batch: dict) -> dict:
+    """The counts FlopsModel needs, read off a model-ready batch."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    positions = 0
+    if batch.get("feature_attention_mask") is not None:
+        frames = batch["feature_attention_mask"].sum(dim=1)
+        positions = int(((frames - 1) // 2 + 1).sum())
+    return {"tokens": int(lengths.sum()), "sum_sq_lengths": int((lengths.long() ** 2).sum()),
+            "target_tokens": targets, "encoder_positions": positions}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    # ru_maxrss is KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def format_line(row: dict, max_steps: int) -> str:
+    """`step 120/2000 | loss 1.234 (asr 1.1 sum 2.0) | lr 1e-3 | gnorm 0.5 | tok/s 11,940 | mfu 41.2% | ...`"""
+    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}" + (" (update skipped)" if row.get("skipped") else "")]
+    per_task = " ".join(f"{t} {v:.3f}" for t, v in row.get("loss_per_task", {}).items())
+    if per_task:
+        parts[-1] += f" ({per_task})"
+    parts.append(f"lr {row['lr']:.2e}")
+    parts.append(f"gnorm {row['grad_norm']:.3f}")
+    parts.append(f"tok/s {row['tokens_per_sec']:,.0f}")
+    parts.append(f"mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "mfu n/a")
+    parts.append(f"mem {row['mem_gib']:.2f} GiB")
+    parts.append(f"data {row['data_wait_pct']:.1f}%")
+    parts.append(f"stage {row['stage']}")
+    parts.append(f"eta {format_duration(row.get('eta_s', float('nan')))}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Rank 0 only: metrics.jsonl (one JSON per row), TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            except Exception as e:  # tensorboard missing or broken: keep training, say so once
+                print(f"[omnitrain] TensorBoard disabled: {e}", flush=True)
+
+    def write(self, row: dict) -> None:
+        row = finite_or_none(row)  # strict JSON: a skipped step's NaN loss is written as null
+        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = row.get("step", 0)
+            for key, value in _flatten(row).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+class StepTimer:
+    """Wall time of a step split into data wait and compute."""
+
+    def __init__(self):
+        self.data_s = 0.0
+        self.total_s = 0.0
+        self._t0 = time.perf_counter()
+
+    def reset(self) -> None:
+        self.data_s = 0.0
+        self.total_s = 0.0
+        self._t0 = time.perf_counter()
+
+    def add_data(self, seconds: float) -> None:
+        self.data_s += seconds
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        self.total_s = now - self._t0
+        return self.total_s

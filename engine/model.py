@@ -1,0 +1,282 @@
+"""The Qwen2.5-Omni thinker as we train it: audio encoder -> aligner -> LLM -> fused loss.
+
+We build transformers' own `Qwen2_5OmniThinkerForConditionalGeneration` (so a checkpoint loads
+as it is and an exported adapter loads onto the same class with PEFT), then:
+- remove the vision encoder (`visual`, ~0.67B parameters at 7B) that the class always builds;
+- freeze everything, put our LoRA layers into the LLM's attention and MLP projections;
+- run our own forward: the LLM returns hidden states and the loss is the fused
+  linear + cross-entropy of kernels/linear_cross_entropy.py on the target rows only, so the
+  [tokens, 152k] logits are never materialized.
+The talker and token2wav are never constructed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+from engine.config import LoRAConfig, LossConfig, ModelConfig
+from engine.lora import apply_lora, lora_target_regex
+from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, tiny_vocab_rows
+from kernels.linear_cross_entropy import linear_cross_entropy
+from loaders.tasks import TASKS
+
+log = logging.getLogger("omnitrain")
+
+IGNORE_INDEX = -100
+# The thinker's rope-index code reads vision_start_token_id, which the thinker config alone
+# does not define; Qwen2.5-Omni's value (DESIGN.md, known traps).
+VISION_START_TOKEN_ID = 151652
+# Mel bins of Qwen2.5-Omni's audio front end (WhisperFeatureExtractor(feature_size=128)).
+NUM_MEL_BINS = 128
+
+# The `tiny` preset: a few million parameters, every part of the real architecture
+# (GQA, M-RoPE, windowed audio attention, the aligner projection), 2 audio + 4 LLM layers.
+TINY_SHAPES = dict(
+    text=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+              max_position_embeddings=4096),
+    audio=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256, output_dim=128),
+)
+# The real 7B thinker (Qwen2.5-Omni-7B's config.json), random init, for GPU benchmarks.
+SEVEN_B_SHAPES = dict(
+    text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+              max_position_embeddings=32768),
+    audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, output_dim=3584),
+)
+# The vision encoder is deleted right after construction: build the smallest one possible.
+MINIMAL_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[0])
+
+
+@dataclass
+class ThinkerParts:
+    """Where the parts live inside transformers' thinker (the layout moved across 5.x releases)."""
+
+    audio_tower: nn.Module
+    llm: nn.Module  # the text model: embed_tokens, layers, norm, rotary_emb
+    lm_head: nn.Linear
+    audio_path: str  # dotted names inside the thinker, used for LoRA patterns and adapter keys
+    llm_path: str
+    visual_owner: nn.Module | None
+
+
+def locate_parts(thinker: nn.Module) -> ThinkerParts:
+    inner = getattr(thinker, "model", None)
+    if inner is not None and hasattr(inner, "language_model"):  # transformers >= 5.x layout
+        return ThinkerParts(inner.audio_tower, inner.language_model, thinker.lm_head,
+                            "model.audio_tower", "model.language_model", inner)
+    if hasattr(thinker, "audio_tower"):  # flat layout: thinker.audio_tower, thinker.model = text model
+        return ThinkerParts(thinker.audio_tower, thinker.model, thinker.lm_head, "audio_tower", "model", thinker)
+    raise RuntimeError(f"unrecognised Qwen2.5-Omni thinker layout ({type(thinker).__name__}); "
+                       "is this transformers' Qwen2_5OmniThinkerForConditionalGeneration?")
+
+
+def remove_vision_encoder(thinker: nn.Module) -> None:
+    parts = locate_parts(thinker)
+    if parts.visual_owner is not None and hasattr(parts.visual_owner, "visual"):
+        del parts.visual_owner.visual
+
+
+def thinker_config(preset: str, tokenizer, attn_impl: str) -> Qwen2_5OmniThinkerConfig:
+    shapes = {"tiny": TINY_SHAPES, "7b": SEVEN_B_SHAPES}.get(preset)
+    if shapes is None:
+        raise ValueError(f"model.preset={preset!r} is not a preset; use tiny or 7b, or set model.path to a checkpoint")
+    text = dict(shapes["text"])
+    text.setdefault("vocab_size", tiny_vocab_rows(tokenizer))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)}
+    cfg = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=NUM_MEL_BINS, **shapes["audio"]),
+        vision_config=dict(MINIMAL_VISION),
+        text_config=dict(tie_word_embeddings=False, **text),
+        audio_token_index=ids[AUDIO_TOKEN], audio_start_token_id=ids[AUDIO_BOS], audio_end_token_id=ids[AUDIO_EOS],
+        # image/video ids outside the tiny vocabulary: no text token can be taken for one.
+        image_token_index=151655, video_token_index=151656,
+    )
+    cfg.vision_start_token_id = VISION_START_TOKEN_ID
+    cfg._attn_implementation = attn_impl
+    return cfg
+
+
+def build_thinker(cfg: ModelConfig, tokenizer, *, device: torch.device, dtype: torch.dtype, attn_impl: str = "sdpa"):
+    """transformers' thinker from a preset (seeded random init) or a local checkpoint, vision removed."""
+    if cfg.path:
+        thinker = load_checkpoint_thinker(cfg.path, dtype=dtype, attn_impl=attn_impl)
+        thinker.to(device)
+    else:
+        config = thinker_config(cfg.preset, tokenizer, attn_impl)
+        torch.manual_seed(cfg.seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, attn_implementation=attn_impl)
+        finally:
+            torch.set_default_dtype(previous)
+    remove_vision_encoder(thinker)
+    thinker.config.vision_start_token_id = VISION_START_TOKEN_ID
+    return thinker
+
+
+def load_checkpoint_thinker(path: str, *, dtype: torch.dtype, attn_impl: str):
+    """Load the thinker of a local Qwen2.5-Omni checkpoint without the vision tower's weights."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.path={path} is not a folder; point it at a local Qwen2.5-Omni checkpoint")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"model.path={path} has no config.json: not a Hugging Face checkpoint folder")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"model.path={path} has no *.safetensors weight files (partial download?)")
+    config = AutoConfig.from_pretrained(path)
+    thinker_cfg = getattr(config, "thinker_config", config)
+    # A one-block vision tower: the checkpoint's vision weights beyond it are skipped at load
+    # instead of materializing 0.67B parameters we delete right after.
+    thinker_cfg.vision_config.depth = 1
+    thinker_cfg.vision_config.fullatt_block_indexes = [0]
+    thinker_cfg.vision_start_token_id = VISION_START_TOKEN_ID
+    try:
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            path, config=thinker_cfg, dtype=dtype, attn_implementation=attn_impl)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load the thinker from model.path={path}: {e}. "
+                           "Check that the folder holds a complete Qwen2.5-Omni checkpoint (all shards listed in "
+                           "model.safetensors.index.json).") from e
+    return thinker
+
+
+class OmniLoRAModel(nn.Module):
+    """The training module: forward(batch) -> summed loss over target tokens, per-task sums.
+
+    It returns sums, not means: the trainer divides by the number of target tokens across
+    all ranks and micro-batches, so every token weighs the same whatever the batch split.
+    """
+
+    def __init__(self, thinker: nn.Module, *, train_audio_encoder: bool, loss_cfg: LossConfig):
+        super().__init__()
+        self.thinker = thinker
+        parts = locate_parts(thinker)
+        self.parts = parts
+        self.train_audio_encoder = train_audio_encoder
+        self.loss_cfg = loss_cfg
+        self.audio_token_id = thinker.config.audio_token_id
+        self.num_tasks = len(TASKS)
+
+    # --- pieces -------------------------------------------------------------------------
+    @property
+    def audio_tower(self) -> nn.Module:
+        return self.parts.audio_tower
+
+    @property
+    def llm(self) -> nn.Module:
+        return self.parts.llm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.parts.lm_head
+
+    def encode_audio(self, input_features: torch.Tensor | None, feature_attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Audio tokens (aligner output) of every clip in the batch, concatenated: [sum n_i, H].
+
+        With no audio in the batch a short silent clip is encoded and its output dropped: under
+        FSDP every rank must run the encoder's collectives every step (DESIGN.md, known traps).
+        """
+        tower = self.audio_tower
+        if input_features is None or input_features.shape[0] == 0:
+            dummy = torch.zeros(1, NUM_MEL_BINS, 16, device=self.lm_head.weight.device, dtype=tower.conv1.weight.dtype)
+            return self._run_tower(dummy, torch.ones(1, 16, dtype=torch.long, device=dummy.device))[:0]
+        return self._run_tower(input_features, feature_attention_mask)
+
+    def _run_tower(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tower = self.audio_tower
+        lengths = mask.sum(dim=1)
+        flat = features.permute(0, 2, 1)[mask.bool()].permute(1, 0).to(tower.conv1.weight.dtype)
+        after_cnn, _ = tower._get_feat_extract_output_lengths(lengths)
+        with torch.set_grad_enabled(self.train_audio_encoder and torch.is_grad_enabled()):
+            return tower(flat, feature_lens=lengths, aftercnn_lens=after_cnn).last_hidden_state
+
+    def embed(self, input_ids: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        embeds = self.llm.embed_tokens(input_ids)
+        slots = input_ids == self.audio_token_id
+        n_slots = int(slots.sum())
+        if n_slots != audio.shape[0]:
+            raise ValueError(f"batch has {n_slots} {AUDIO_TOKEN} placeholders but the audio encoder produced "
+                             f"{audio.shape[0]} audio tokens: the loader's audio-token count disagrees with the model's")
+        return embeds.masked_scatter(slots.unsqueeze(-1), audio.to(embeds.dtype))
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        audio = self.encode_audio(batch.get("input_features"), batch.get("feature_attention_mask"))
+        embeds = self.embed(batch["input_ids"], audio)
+        positions = text_position_ids(batch["attention_mask"])
+        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions, use_cache=False)
+        return out.last_hidden_state
+
+    # --- training forward ----------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        hidden = self.hidden_states(batch)
+        labels = batch["labels"][:, 1:]
+        valid = labels != IGNORE_INDEX
+        rows = hidden[:, :-1][valid]  # only target rows reach the 152k-wide lm_head
+        targets = labels[valid]
+        task_ids = batch["task_ids"][:, None].expand_as(labels)[valid]
+        loss_sum, n_valid, per_task = linear_cross_entropy(
+            rows, self.lm_head.weight, targets, task_ids=task_ids, num_tasks=self.num_tasks,
+            z_loss=self.loss_cfg.z_loss, label_smoothing=self.loss_cfg.label_smoothing, impl=self.loss_cfg.impl)
+        per_task_count = torch.bincount(task_ids, minlength=self.num_tasks)
+        return {"loss_sum": loss_sum, "n_valid": n_valid, "per_task_loss_sum": per_task, "per_task_count": per_task_count}
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Full logits [B, T, V] for inspection and tests (never used in training)."""
+        return self.lm_head(self.hidden_states(batch)).float()
+
+
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """M-RoPE positions [3, B, T] of audio + text input (no images or video).
+
+    For audio and text the thinker's rope index is one running position per real token on
+    all three axes (audio tokens advance by one like text), padding at 0; tested against
+    transformers' `get_rope_index`.
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 0)
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"model.dtype={name!r}; use auto, bf16, fp16 or fp32")
+    return table[name]
+
+
+def build_model(mcfg: ModelConfig, lcfg: LoRAConfig, loss_cfg: LossConfig, tokenizer, device: torch.device) -> OmniLoRAModel:
+    """Thinker (vision removed), frozen, with our LoRA layers in the LLM; nothing sharded yet."""
+    dtype = resolve_dtype(mcfg.dtype, device)
+    attn = "sdpa" if mcfg.attn_backend in ("auto", "sdpa") else mcfg.attn_backend
+    thinker = build_thinker(mcfg, tokenizer, device=device, dtype=dtype, attn_impl=attn)
+    thinker.requires_grad_(False)
+    parts = locate_parts(thinker)
+    if mcfg.train_audio_encoder:
+        parts.audio_tower.requires_grad_(True)
+        parts.audio_tower.float()
+    pattern = lora_target_regex(parts.llm_path + ".layers", lcfg.targets)
+    torch.manual_seed(mcfg.seed + 1)
+    replaced = apply_lora(thinker, pattern, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.impl)
+    model = OmniLoRAModel(thinker, train_audio_encoder=mcfg.train_audio_encoder, loss_cfg=loss_cfg)
+    model.lora_pattern = pattern
+    model.lora_modules = replaced
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

@@ -1,0 +1,126 @@
+"""Build everything a run needs from its config, train, write the outputs.
+
+train.py stays a thin main; tests and benchmarks call `run_training(cfg)` in-process too.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint as ckpt
+from engine.config import RunConfig, save_config
+from engine.model import build_model, count_parameters
+from engine.parallel import DistEnv, apply_parallelism, close_distributed, init_distributed
+from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
+from engine.trainer import Trainer, write_summary
+from kernels.linear_cross_entropy import resolve_loss_impl
+from kernels.lora import resolve_lora_impl
+
+log = logging.getLogger("omnitrain")
+
+
+def say(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(f"[omnitrain] {msg}", flush=True)
+
+
+def build_tokenizer(cfg: RunConfig):
+    return load_checkpoint_tokenizer(cfg.model.path) if cfg.model.path else build_tiny_tokenizer()
+
+
+def prepare_output_dir(cfg: RunConfig, env: DistEnv) -> Path:
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def resolve_impls(cfg: RunConfig, env: DistEnv) -> None:
+    """Turn `auto` into the concrete kernel choice once, log it, and fail early on a bad one."""
+    cfg.lora.impl = resolve_lora_impl(cfg.lora.impl, env.device)
+    cfg.loss.impl = resolve_loss_impl(cfg.loss.impl, env.device)
+    say(env, f"kernels: lora={cfg.lora.impl}, loss={cfg.loss.impl}; attention=sdpa; device={env.device}, "
+             f"world size {env.world_size} ({env.backend})")
+
+
+def build_stream(cfg: RunConfig, tokenizer, env: DistEnv):
+    from loaders.pipeline import TrainStream
+
+    return TrainStream(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size,
+                       grad_accum=cfg.optim.grad_accum, seed=cfg.seed)
+
+
+def profiler_context(cfg: RunConfig, env: DistEnv, out: Path):
+    """torch.profiler with one trace per rank under <output_dir>/traces/, or a no-op."""
+    if not cfg.profiler.enabled:
+        return contextlib.nullcontext(None)
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
+    trace_dir = out / "traces"
+    trace_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_ready(prof):
+        path = trace_dir / f"rank{env.rank}-step{prof.step_num}.json"
+        prof.export_chrome_trace(str(path))
+        say(env, f"profiler trace written: {path}")
+
+    sched = schedule(wait=cfg.profiler.wait, warmup=cfg.profiler.warmup, active=cfg.profiler.active, repeat=1)
+    return profile(activities=activities, schedule=sched, on_trace_ready=on_ready, record_shapes=False)
+
+
+def run_training(cfg: RunConfig) -> dict:
+    env = init_distributed()
+    try:
+        return _run(cfg, env)
+    finally:
+        close_distributed()
+
+
+def _run(cfg: RunConfig, env: DistEnv) -> dict:
+    out = prepare_output_dir(cfg, env)
+    say(env, f"run folder: {out}")
+    resolve_impls(cfg, env)
+    tokenizer = build_tokenizer(cfg)
+    # Identical weights on every rank before sharding: the init seed does not depend on rank.
+    model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
+    n = count_parameters(model)
+    source = cfg.model.path or f"preset {cfg.model.preset}"
+    say(env, f"model: Qwen2.5-Omni thinker ({source}), {n['total'] / 1e6:.2f}M parameters, "
+             f"{n['trainable'] / 1e6:.3f}M trainable (LoRA r={cfg.lora.rank} on {len(model.lora_modules)} projections)")
+    apply_parallelism(model, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
+                      device=env.device)
+    # Dropout and sampling differ per rank; everything is reproducible from cfg.seed.
+    torch.manual_seed(cfg.seed + 1000 * env.rank)
+    stream = build_stream(cfg, tokenizer, env)
+    schedule = cfg.schedule.build(cfg.max_steps, cfg.max_tokens or None)
+    for line in schedule.describe():
+        say(env, f"schedule: {line}")
+    trainer = Trainer(cfg, env, model, stream, schedule, out)
+    trainer.resume()
+    with profiler_context(cfg, env, out) as prof:
+        if prof is not None:
+            trainer.hooks["profiler"] = prof
+        summary = trainer.train()
+    adapter_dir = out / "adapter"
+    ckpt.export_adapter(adapter_dir, model, rank=env.rank, lora_cfg=cfg.lora, base_model=cfg.model.path or None)
+    summary["adapter_dir"] = str(adapter_dir)
+    if hasattr(stream, "counts"):
+        summary["data"] = stream.counts()
+    if env.is_main:
+        write_summary(out, summary)
+        say(env, f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+                 f"{summary['tokens_per_sec_per_device']:,.0f} tok/s per device; adapter: {adapter_dir}")
+    trainer.close()
+    if hasattr(stream, "close"):
+        stream.close()
+    return summary

@@ -1,0 +1,300 @@
+"""The training loop: gradient accumulation, global token normalization, guards, logging.
+
+One optimizer step:
+  1. take this rank's micro-batches for the step from the stream (timed as data wait);
+  2. count target tokens on every rank and all-reduce: the loss of each micro-batch is its
+     summed token loss / the global count, so every token weighs the same whatever the
+     batch split, the number of micro-batches or the world size;
+  3. forward + backward per micro-batch; gradients are reduced across ranks only on the
+     last one (`set_requires_gradient_sync`);
+  4. clip, then skip the update (and count it) if the loss or gradient norm is not finite;
+  5. AdamW over the LoRA weights, warmup + cosine schedule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint as ckpt
+from engine.config import RunConfig
+from engine.metrics import (MetricsWriter, StepTimer, batch_flops_inputs, device_peak_flops, flops_model_of,
+                            format_line, peak_memory_gib)
+from engine.parallel import DistEnv, all_reduce_sum
+from loaders.tasks import TASKS
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0  # real tokens seen, all ranks
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    stage_index: int = -1
+    wall_s: float = 0.0
+
+
+@dataclass
+class StepStats:
+    loss: float
+    per_task: dict
+    grad_norm: float
+    tokens: int
+    flops: float
+    skipped: bool
+    data_s: float
+    step_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, model, stream, schedule, out_dir: Path, *, hooks=None):
+        self.cfg = cfg
+        self.env = env
+        self.model = model
+        self.stream = stream
+        self.schedule = schedule  # loaders.curriculum.Schedule or None (one stage "all")
+        self.out_dir = Path(out_dir)
+        self.hooks = hooks or {}
+        self.state = TrainState()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                           foreach=env.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
+        self.flops = flops_model_of(model)
+        self.peak_flops = device_peak_flops(env.device, cfg.metrics.peak_tflops)
+        self.writer = MetricsWriter(self.out_dir, cfg.metrics.tensorboard) if env.is_main else None
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.last_checkpoint: Path | None = None
+        self.final_losses: dict = {}
+        self.last_stats: StepStats | None = None
+
+    # --- state ---------------------------------------------------------------------------
+    def per_rank_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "train": self.state.__dict__.copy(),
+                "stream": self.stream.state_dict()}
+
+    def resume(self) -> bool:
+        point = ckpt.find_resume_point(self.ckpt_root, self.cfg.checkpoint.resume)
+        if point is None:
+            return False
+        per_rank = ckpt.load_checkpoint(point, self.model, self.optimizer, rank=self.env.rank, world_size=self.env.world_size)
+        self.scheduler.load_state_dict(per_rank["scheduler"])
+        self.state = TrainState(**per_rank["train"])
+        self.stream.load_state_dict(per_rank["stream"])
+        self.last_checkpoint = point
+        self.log(f"resumed from {point} at step {self.state.step}")
+        return True
+
+    def save(self) -> None:
+        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                                                    self.per_rank_state(), rank=self.env.rank,
+                                                    world_size=self.env.world_size, keep=self.cfg.checkpoint.keep)
+        # The adapter of every checkpoint, ready for PEFT without a conversion step.
+        ckpt.export_adapter(self.last_checkpoint / "adapter", self.model, rank=self.env.rank, lora_cfg=self.cfg.lora,
+                            base_model=self.cfg.model.path or None)
+        self.log(f"checkpoint saved: {self.last_checkpoint}")
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"[omnitrain] {msg}")
+
+    # --- stages --------------------------------------------------------------------------
+    def update_stage(self) -> None:
+        """Switch the stream to the stage of the current step/tokens (on the fly, no restart)."""
+        if self.schedule is None:
+            if self.state.stage_index < 0:
+                self.state.stage_index = 0
+                self._stage_event("all", list(TASKS))
+            return
+        index, stage = self.schedule.stage_at(self.state.step, self.state.tokens)
+        if index != self.state.stage_index:
+            self.state.stage_index = index
+            self.stream.set_tasks(list(stage.tasks), stage.weights)
+            if hasattr(self.stream, "set_sampler"):
+                self.stream.set_sampler(stage.sampler)
+            self._stage_event(stage.name, list(stage.tasks))
+            if self.state.step > 0 and "on_stage_change" in self.hooks:
+                self.hooks["on_stage_change"](self)
+
+    def stage_name(self) -> str:
+        if self.schedule is None:
+            return "all"
+        return self.schedule.stages[self.state.stage_index].name
+
+    def _stage_event(self, name: str, tasks: list[str]) -> None:
+        self.log(f"stage '{name}' from step {self.state.step}: tasks {', '.join(tasks)}")
+        if self.writer:
+            self.writer.write({"event": "stage", "step": self.state.step, "tokens": self.state.tokens,
+                               "stage": name, "tasks": tasks})
+
+    # --- one step ------------------------------------------------------------------------
+    def train_step(self) -> StepStats:
+        t0 = time.perf_counter()
+        micro_batches = self.stream.next_step()
+        data_s = time.perf_counter() - t0
+        env, model = self.env, self.model
+        counts = torch.tensor([sum(target_tokens(mb) for mb in micro_batches),
+                               sum(int(mb["num_tokens"]) for mb in micro_batches)], dtype=torch.float64)
+        counts = all_reduce_sum(counts.to(env.device)).cpu()
+        global_targets, global_tokens = int(counts[0]), int(counts[1])
+        # FSDP averages gradients over ranks; scaling by world size turns that into the sum.
+        scale = env.world_size / max(global_targets, 1)
+        stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64)
+        flops = 0.0
+        inject = (self.state.step + 1) in self.cfg.debug.nonfinite_loss_at  # 1-based, as logged
+        for i, mb in enumerate(micro_batches):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            out = model(to_device(mb, env.device))
+            loss = out["loss_sum"] * scale
+            if inject:
+                loss = loss * float("nan")
+            loss.backward()
+            stats[0] += float(out["loss_sum"].detach()) * (float("nan") if inject else 1.0)
+            stats[1:1 + len(TASKS)] += out["per_task_loss_sum"].detach().double().cpu()
+            stats[1 + len(TASKS):] += out["per_task_count"].detach().double().cpu()
+            flops += self.flops.step_flops(**batch_flops_inputs(mb))
+        stats = all_reduce_sum(stats.to(env.device)).cpu()
+        loss_value = float(stats[0]) / max(global_targets, 1)
+        per_task = {t: float(stats[1 + i] / stats[1 + len(TASKS) + i])
+                    for i, t in enumerate(TASKS) if stats[1 + len(TASKS) + i] > 0}
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.bad_in_a_row = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.bad_in_a_row += 1
+            self.log(f"step {self.state.step}: non-finite loss/grad norm (loss {loss_value}, grad norm {grad_norm}); "
+                     f"update skipped ({self.state.skipped_steps} skipped so far)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.bad_in_a_row >= self.cfg.optim.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.state.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last at step "
+                f"{self.state.step}). Lower optim.lr, check the data for corrupt samples, or raise optim.max_bad_steps.")
+        flops_total = torch.tensor([flops], dtype=torch.float64)
+        flops_total = float(all_reduce_sum(flops_total.to(env.device)).cpu())
+        return StepStats(loss=loss_value, per_task=per_task, grad_norm=grad_norm, tokens=global_tokens,
+                         flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
+
+    # --- the loop ------------------------------------------------------------------------
+    def done(self) -> bool:
+        if self.state.step >= self.cfg.max_steps:
+            return True
+        if 0 < self.cfg.debug.stop_after_steps <= self.state.step:
+            return True
+        return self.cfg.max_tokens > 0 and self.state.tokens >= self.cfg.max_tokens
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, env = self.cfg, self.env
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", disable=not (env.is_main and cfg.metrics.progress_bar),
+                   dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        wall_before = self.state.wall_s
+        window = {"tokens": 0, "flops": 0.0, "data_s": 0.0, "step_s": 0.0}
+        profiler = self.hooks.get("profiler")
+        while not self.done():
+            self.update_stage()
+            stats = self.train_step()
+            self.last_stats = stats
+            self.state.step += 1
+            self.state.tokens += stats.tokens
+            self.state.wall_s = wall_before + time.perf_counter() - start
+            for k in window:
+                window[k] += getattr(stats, k)
+            if stats.per_task:
+                self.final_losses.update(stats.per_task)
+            if profiler is not None:
+                profiler.step()
+            bar.update(1)
+            if self.state.step % cfg.metrics.log_every == 0 or self.done():
+                self._log_row(stats, window)
+                window = {k: 0 if k == "tokens" else 0.0 for k in window}
+            if "after_step" in self.hooks:
+                self.hooks["after_step"](self)
+            if cfg.checkpoint.every > 0 and self.state.step % cfg.checkpoint.every == 0 and not self.done():
+                self.save()
+        bar.close()
+        self.save()
+        return self.summary()
+
+    def _log_row(self, stats: StepStats, window: dict) -> None:
+        secs = max(window["step_s"], 1e-9)
+        tok_s = window["tokens"] / secs / self.env.world_size  # per device
+        mfu = (window["flops"] / secs / self.env.world_size / self.peak_flops) if self.peak_flops else None
+        steps_left = self.cfg.max_steps - self.state.step
+        row = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.stage_name(),
+               "loss": stats.loss, "loss_per_task": stats.per_task, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": stats.grad_norm, "tokens_per_sec": tok_s, "mfu": mfu,
+               "mem_gib": peak_memory_gib(self.env.device), "data_wait_pct": 100.0 * window["data_s"] / secs,
+               "elapsed_s": self.state.wall_s, "skipped_steps": self.state.skipped_steps, "skipped": stats.skipped,
+               "eta_s": steps_left * stats.step_s}
+        counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
+        if counts:
+            row["data"] = counts
+        if self.env.is_main:
+            self.writer.write(row)
+            self.log(format_line(row, self.cfg.max_steps))
+
+    def summary(self) -> dict:
+        wall = max(self.state.wall_s, 1e-9)
+        return {"recipe": self.cfg.recipe, "steps": self.state.step, "tokens": self.state.tokens,
+                "tokens_per_sec": self.state.tokens / wall, "tokens_per_sec_per_device": self.state.tokens / wall / self.env.world_size,
+                "final_loss_per_task": self.final_losses, "skipped_steps": self.state.skipped_steps,
+                "wall_s": self.state.wall_s, "world_size": self.env.world_size, "device": device_name(self.env.device),
+                "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -1,0 +1,514 @@
+"""Fused LoRA: y = x W^T + b + s * (x~ A^T) B^T, with x~ = m * x / (1 - p) and W, b frozen.
+
+Shapes (PEFT orientation): x [..., K], W [N, K], b [N], A [r, K], B [N, r], keep mask m [M, K].
+Gradients: dB = s dy^T (x~ A^T); dA = s (dy B)^T x~; dx = dy W + (m / (1 - p)) * s (dy B) A.
+
+What an unfused LoRA (PEFT) spends beyond the base GEMMs, and what the Triton path does instead:
+- the dropout copy of x: the mask is drawn on the fly inside the kernels from (seed, row, col)
+  with Triton's Philox and regenerated in backward, never stored;
+- the [M, N] LoRA output written and read again: the rank-r product is written into y first
+  and the base GEMM accumulates into it (cuBLAS beta=1); in backward dy W is computed by
+  cuBLAS and one Triton kernel adds the masked rank-r term into dx in place;
+- x A^T ([M, r]) is the only activation kept besides x.
+Grouped variants read x once for several projections: `lora_qkv` (q, k, v) and `lora_mlp`
+(gate and up, SwiGLU, then down; backward recomputes SwiGLU instead of storing it). Projections
+that read the same x share one dropout mask, exactly as separate `lora_linear` calls with one seed.
+
+The PyTorch reference (`lora_linear_reference`, ...) is the same math in plain autograd and
+draws the same mask (`dropout_keep_mask`, Philox in torch), so both implementations agree
+with dropout on. The triton path needs CUDA, or TRITON_INTERPRET=1 (tests on CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is a Linux-only dependency; the reference path runs without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+
+IMPLS = ("auto", "triton", "reference")
+# The down projection of lora_mlp reads h = silu(gate) * up, not x: its mask comes from a
+# second seed derived from the first (a fixed bijection, so distinct seeds stay distinct).
+DOWN_SEED_XOR = 0x5BD1E995
+
+
+def resolve_lora_impl(impl: str, device) -> str:
+    """Turn the recipe's `lora.impl` into "triton" or "reference" for tensors on `device`."""
+    if impl not in IMPLS:
+        raise ValueError(f"lora.impl={impl!r} is not known; use one of {', '.join(IMPLS)}.")
+    on_cuda = torch.device(device).type == "cuda"
+    if impl == "auto":
+        return "triton" if on_cuda else "reference"
+    if impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"lora.impl=triton needs a CUDA device (tensors are on {device}); "
+            "use lora.impl=reference or auto on CPU, or set TRITON_INTERPRET=1 to run the kernels interpreted."
+        )
+    return impl
+
+
+def _check_seed(dropout_p: float, seed) -> int:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"LoRA dropout_p={dropout_p} must be in [0, 1).")
+    if dropout_p == 0.0:
+        return 0
+    if seed is None:
+        # Drawn from torch's CPU RNG, so torch.manual_seed and activation checkpointing
+        # (which restores the RNG state on recompute) replay the same mask.
+        return int(torch.randint(0, SEED_MODULUS, (1,)).item())
+    # Philox keys are 32-bit here; larger seeds map onto that range deterministically.
+    return int(seed) % SEED_MODULUS
+
+
+def _down_seed(seed: int) -> int:
+    return (seed ^ DOWN_SEED_XOR) % SEED_MODULUS
+
+
+# ----------------------------------------------------------------------------- dropout mask
+def dropout_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
+    """The keep mask the kernels draw, as a bool [rows, cols] tensor, computed in PyTorch.
+
+    Element (m, k) is kept when output k % 4 of Triton's `tl.rand4x(seed, (m << 32) | (k // 4))`
+    is >= p: Philox-4x32-10 with key (seed_lo, seed_hi) and counter (k // 4, m, 0, 0), mapped to
+    [0, 1) as triton.language.random.uint_to_uniform_float does. 32-bit words live in int64;
+    a product of two words (< 2**64) wraps in int64 but keeps its exact low 64 bits.
+    """
+    mask32 = 0xFFFFFFFF
+    groups = (cols + 3) // 4
+    c0 = torch.arange(groups, device=device, dtype=torch.int64).repeat(rows)
+    c1 = torch.arange(rows, device=device, dtype=torch.int64).repeat_interleave(groups)
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = seed & mask32, (seed >> 32) & mask32
+    for _ in range(10):  # triton.language.random.N_ROUNDS_DEFAULT
+        prod_b, prod_a = c2 * 0xCD9E8D57, c0 * 0xD2511F53
+        c0, c2 = ((prod_b >> 32) & mask32) ^ c1 ^ k0, ((prod_a >> 32) & mask32) ^ c3 ^ k1
+        c1, c3 = prod_b & mask32, prod_a & mask32
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    words = torch.stack([c0, c1, c2, c3], dim=1).reshape(rows, groups * 4)[:, :cols]
+    signed = torch.where(words >= 2**31, words - 2**32, words)
+    signed = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
+    uniform = signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
+    return uniform >= torch.tensor(dropout_p, dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Philox keys are taken modulo 2**31 so that every seed reaches the kernels as a 32-bit int.
+SEED_MODULUS = 2**31
+# tl.dot on 16-bit inputs needs an inner/outer dimension of at least 16 on NVIDIA GPUs
+# (DESIGN.md, known traps): ranks below that are padded to 16 inside the kernels, masked.
+MIN_DOT_DIM = 16
+# One fixed, small config for TRITON_INTERPRET (no autotuning there): few programs, few loop
+# trips, since the interpreter's cost is per block operation.
+INTERPRETED_BLOCKS = {"BLOCK_M": 32, "BLOCK_K": 64}
+# dA = gB^T x~ reduces over M: rows are split into chunks whose partial sums land in an fp32
+# buffer [splits, R, K] summed afterwards (deterministic, unlike atomics). 512 rows per chunk
+# and at most 64 chunks keep the buffer small (<= 15 MB at r=16, K=3584) and the grid > 1000.
+DA_ROWS_PER_SPLIT = 512
+DA_MAX_SPLITS = 64
+SWIGLU_BLOCK = 1024
+
+if triton is not None:
+    def _tile_configs(blocks):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in blocks]
+
+    # Hopper-sized tiles included (128 x 128, 8 warps); these kernels are memory-bound with r <= 64.
+    _CUDA_CONFIGS = _tile_configs([(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
+                                   (128, 128, 8, 3), (16, 256, 4, 4)])
+
+    @triton.jit
+    def _keep(seed, rows, col_start, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One Philox call yields four uniforms: element (m, k) takes output k % 4 of counter
+        # (k // 4, m), so a [BLOCK_M, BLOCK_K] tile costs BLOCK_M * BLOCK_K / 4 calls. The
+        # counter depends on (m, k) only, not on the tensor's width, strides or the tiling.
+        groups = col_start // 4 + tl.arange(0, BLOCK_K // 4)
+        offsets = (rows.to(tl.int64)[:, None] << 32) | groups.to(tl.int64)[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, offsets)
+        uniform = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_M, BLOCK_K))
+        return uniform >= p
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:  # fp32 inputs: full precision, as the reference (no TF32)
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, rows_n, cols_n, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        inside = (rows[:, None] < rows_n) & (cols[None, :] < cols_n)
+        keep = _keep(seed, rows, tl.program_id(1) * BLOCK_K, p, BLOCK_M, BLOCK_K)
+        tl.store(out_ptr + rows[:, None] * cols_n + cols[None, :], keep.to(tl.int8), mask=inside)
+
+    @triton.jit
+    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, s_xm, s_xk, s_ar, s_ak, s_om, s_or, seed, p, out_scale,
+                          HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """xa[M, R] = out_scale * (m * x) @ A^T; the dropped x is never written."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + cols[None, :] * s_xk,
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(_keep(seed, rows, k0, p, BLOCK_M, BLOCK_K), x, 0.0)
+            a_t = tl.load(a_ptr + ranks[None, :] * s_ar + cols[:, None] * s_ak,
+                          mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+            acc = _dot(x, a_t, acc, IEEE)
+        out = (acc * out_scale).to(xa_ptr.dtype.element_ty)
+        tl.store(xa_ptr + rows.to(tl.int64)[:, None] * s_om + ranks[None, :] * s_or, out,
+                 mask=(rows[:, None] < M) & (ranks[None, :] < R))
+
+    @triton.jit
+    def _lora_dx_kernel(dx_ptr, gb_ptr, a_ptr, M, K, R, s_dm, s_dk, s_gm, s_gr, s_ar, s_ak, seed, p, out_scale,
+                        HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """dx += out_scale * m * (gB @ A), in place: no [M, K] temporary."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ranks = tl.arange(0, BLOCK_R)
+        gb = tl.load(gb_ptr + rows.to(tl.int64)[:, None] * s_gm + ranks[None, :] * s_gr,
+                     mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * s_ar + cols[None, :] * s_ak,
+                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0)
+        update = _dot(gb, a, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), IEEE) * out_scale
+        if HAS_DROPOUT:
+            update = tl.where(_keep(seed, rows, tl.program_id(1) * BLOCK_K, p, BLOCK_M, BLOCK_K), update, 0.0)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * s_dm + cols[None, :] * s_dk
+        dx = tl.load(dx_ptrs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptrs, (dx + update).to(dx_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _lora_grad_a_kernel(part_ptr, gb_ptr, x_ptr, M, K, R, rows_per_split, s_gm, s_gr, s_xm, s_xk, seed, p,
+                            out_scale, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """part[split, R, K] = out_scale * gB[rows]^T @ (m * x)[rows] over one chunk of rows."""
+        cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        split = tl.program_id(1)
+        ranks = tl.arange(0, BLOCK_R)
+        row_start = split * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, M)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            gb_t = tl.load(gb_ptr + rows.to(tl.int64)[None, :] * s_gm + ranks[:, None] * s_gr,
+                           mask=(rows[None, :] < row_end) & (ranks[:, None] < R), other=0.0)
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * s_xm + cols[None, :] * s_xk,
+                        mask=(rows[:, None] < row_end) & (cols[None, :] < K), other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(_keep(seed, rows, tl.program_id(0) * BLOCK_K, p, BLOCK_M, BLOCK_K), x, 0.0)
+            acc = _dot(gb_t, x, acc, IEEE)
+        tl.store(part_ptr + split.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc * out_scale,
+                 mask=(ranks[:, None] < R) & (cols[None, :] < K))
+
+    @triton.jit
+    def _swiglu_forward_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(h_ptr + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=offs < n)
+
+    @triton.jit
+    def _swiglu_backward_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        dh = tl.load(dh_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        tl.store(dg_ptr + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=offs < n)
+        tl.store(du_ptr + offs, (dh * g * sig).to(du_ptr.dtype.element_ty), mask=offs < n)
+
+    _lora_down_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"])(_lora_down_kernel)
+    _lora_dx_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"],
+                                     restore_value=["dx_ptr"])(_lora_dx_kernel)
+    _lora_grad_a_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"])(_lora_grad_a_kernel)
+
+
+def _require_triton():
+    if triton is None:
+        raise RuntimeError("lora.impl=triton needs the triton package (Linux); use lora.impl=reference.")
+
+
+def _launch(kernel, tuned, grid, device, *args, **constexprs):
+    """Autotuned on CUDA; one fixed small config under the interpreter."""
+    if device.type == "cuda":
+        tuned[grid](*args, **constexprs)
+    else:
+        kernel[grid(INTERPRETED_BLOCKS)](*args, **constexprs, **INTERPRETED_BLOCKS)
+
+
+def _rank_block(rank: int) -> int:
+    return max(MIN_DOT_DIM, triton.next_power_of_2(rank))
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    return dict(HAS_DROPOUT=dropout_p > 0.0), keep_scale
+
+
+def lora_down(x2d, lora_A, dropout_p, seed):
+    """x~ A^T as [M, r] in x's dtype (fp32 accumulation)."""
+    _require_triton()
+    M, K = x2d.shape
+    R = lora_A.shape[0]
+    xa = torch.empty(M, R, device=x2d.device, dtype=x2d.dtype)
+    flags, keep_scale = _dropout_args(dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+    _launch(_lora_down_kernel, _lora_down_tuned, grid, x2d.device, x2d, lora_A, xa, M, K, R, *x2d.stride(),
+            *lora_A.stride(), *xa.stride(), seed, dropout_p, keep_scale, IEEE=x2d.dtype == torch.float32,
+            BLOCK_R=_rank_block(R), **flags)
+    return xa
+
+
+def lora_add_dx(dx, gB, lora_A, scale, dropout_p, seed):
+    """dx += scale * m / (1 - p) * (gB @ A), in place."""
+    _require_triton()
+    M, K = dx.shape
+    R = lora_A.shape[0]
+    flags, keep_scale = _dropout_args(dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
+    _launch(_lora_dx_kernel, _lora_dx_tuned, grid, dx.device, dx, gB, lora_A, M, K, R, *dx.stride(), *gB.stride(),
+            *lora_A.stride(), seed, dropout_p, scale * keep_scale, IEEE=dx.dtype == torch.float32,
+            BLOCK_R=_rank_block(R), **flags)
+    return dx
+
+
+def lora_grad_A(gB, x2d, scale, dropout_p, seed, splits=None):
+    """dA = scale / (1 - p) * gB^T @ (m * x), fp32 [r, K]; `splits` chunks of rows reduce in parallel."""
+    _require_triton()
+    M, K = x2d.shape
+    R = gB.shape[1]
+    if splits is None:
+        splits = min(max(1, triton.cdiv(M, DA_ROWS_PER_SPLIT)), DA_MAX_SPLITS) if x2d.device.type == "cuda" else 1
+    rows_per_split = triton.cdiv(M, splits)
+    partial = torch.empty(splits, R, K, device=x2d.device, dtype=torch.float32)
+    flags, keep_scale = _dropout_args(dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
+    _launch(_lora_grad_a_kernel, _lora_grad_a_tuned, grid, x2d.device, partial, gB, x2d, M, K, R, rows_per_split,
+            *gB.stride(), *x2d.stride(), seed, dropout_p, scale * keep_scale, IEEE=x2d.dtype == torch.float32,
+            BLOCK_R=_rank_block(R), **flags)
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def materialize_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
+    """The mask exactly as the kernels draw it (bool [rows, cols]); for tests and inspection."""
+    _require_triton()
+    out = torch.empty(rows, cols, device=device, dtype=torch.int8)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 64))
+    _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=32, BLOCK_K=64)
+    return out.bool()
+
+
+def swiglu_forward(gate, up):
+    _require_triton()
+    gate, up = gate.contiguous(), up.contiguous()
+    h = torch.empty_like(gate)
+    _swiglu_forward_kernel[(triton.cdiv(gate.numel(), SWIGLU_BLOCK),)](gate, up, h, gate.numel(), BLOCK=SWIGLU_BLOCK)
+    return h
+
+
+def swiglu_backward(dh, gate, up):
+    """(d gate, d up) of h = silu(gate) * up, recomputing silu from the stored gate."""
+    _require_triton()
+    dh = dh.contiguous()
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    _swiglu_backward_kernel[(triton.cdiv(dh.numel(), SWIGLU_BLOCK),)](dh, gate, up, d_gate, d_up, dh.numel(),
+                                                                      BLOCK=SWIGLU_BLOCK)
+    return d_gate, d_up
+
+
+# ----------------------------------------------------------------------------- reference
+def _reference_dropout(x2d, dropout_p, seed, keep_mask=None):
+    if dropout_p == 0.0:
+        return x2d
+    if keep_mask is None:
+        keep_mask = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.device)
+    return x2d * keep_mask.to(x2d.dtype) / (1.0 - dropout_p)
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, keep_mask=None):
+    """Plain-PyTorch LoRA linear; autograd gives the gradients. `keep_mask` overrides the seed's mask."""
+    seed = _check_seed(dropout_p, seed)
+    x2d = x.reshape(-1, x.shape[-1])
+    dropped = _reference_dropout(x2d, dropout_p, seed, keep_mask)
+    y = F.linear(x2d, weight, bias) + scale * F.linear(F.linear(dropped, lora_A), lora_B)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dropout_p=0.0, seed=None):
+    seed = _check_seed(dropout_p, seed)
+    return tuple(lora_linear_reference(x, w, a, b, scale, bias, dropout_p, seed)
+                 for w, a, b, bias in zip(weights, lora_As, lora_Bs, biases))
+
+
+def lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None):
+    """down(silu(gate(x)) * up(x)), each a LoRA linear without bias (as in Qwen2 MLPs)."""
+    seed = _check_seed(dropout_p, seed)
+    (wg, wu, wd), (ag, au, ad), (bg, bu, bd) = weights, lora_As, lora_Bs
+    gate = lora_linear_reference(x, wg, ag, bg, scale, None, dropout_p, seed)
+    up = lora_linear_reference(x, wu, au, bu, scale, None, dropout_p, seed)
+    return lora_linear_reference(F.silu(gate) * up, wd, ad, bd, scale, None, dropout_p, _down_seed(seed))
+
+
+# ----------------------------------------------------------------------------- fused path
+def _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, seed):
+    """Projections of one input: the down projection for all of them in one pass over x."""
+    rank = lora_A_cat.shape[0] // len(weights)
+    xa_cat = lora_down(x2d, lora_A_cat, dropout_p, seed)
+    outs = []
+    for g, (weight, lora_B, bias) in enumerate(zip(weights, lora_Bs, biases)):
+        xa = xa_cat[:, g * rank:(g + 1) * rank]
+        if bias is None:
+            y = torch.addmm(xa.new_zeros(()).expand(weight.shape[0]), xa, lora_B.t(), beta=0, alpha=scale)
+        else:
+            y = torch.addmm(bias.to(x2d.dtype), xa, lora_B.t(), alpha=scale)
+        outs.append(y.addmm_(x2d, weight.t()))  # the base GEMM accumulates into the LoRA term
+    return outs, xa_cat
+
+
+def _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, scale, dropout_p, seed, need_x, need_A, need_B):
+    rank = lora_A_cat.shape[0] // len(weights)
+    grads = [dy.reshape(-1, dy.shape[-1]) for dy in grads]
+    dBs = [None] * len(weights)
+    if need_B:
+        dBs = [torch.mm(dy.t(), xa_cat[:, g * rank:(g + 1) * rank]).mul_(scale) for g, dy in enumerate(grads)]
+    gB_cat = torch.cat([torch.mm(dy, lora_B) for dy, lora_B in zip(grads, lora_Bs)], dim=1)
+    dx = dA_cat = None
+    if need_x:
+        dx = torch.mm(grads[0], weights[0])
+        for dy, weight in zip(grads[1:], weights[1:]):
+            dx.addmm_(dy, weight)
+        lora_add_dx(dx, gB_cat, lora_A_cat, scale, dropout_p, seed)
+    if need_A:
+        dA_cat = lora_grad_A(gB_cat, x2d, scale, dropout_p, seed).to(lora_A_cat.dtype)
+    return dx, dA_cat, dBs
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """G LoRA projections of one input x2d; A's concatenated along the rank [G*r, K]."""
+
+    @staticmethod
+    def forward(ctx, x2d, lora_A_cat, scale, dropout_p, seed, num_groups, *params):
+        weights, lora_Bs, biases = params[:num_groups], params[num_groups:2 * num_groups], params[2 * num_groups:]
+        outs, xa_cat = _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, seed)
+        ctx.save_for_backward(x2d, xa_cat, lora_A_cat, *weights, *lora_Bs)
+        ctx.hyper = (scale, dropout_p, seed, num_groups)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        scale, dropout_p, seed, num_groups = ctx.hyper
+        x2d, xa_cat, lora_A_cat, *rest = ctx.saved_tensors
+        weights, lora_Bs = rest[:num_groups], rest[num_groups:]
+        need_B = any(ctx.needs_input_grad[6 + num_groups:6 + 2 * num_groups])
+        dx, dA_cat, dBs = _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, scale, dropout_p, seed,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_B)
+        return (dx, dA_cat, None, None, None, None, *([None] * num_groups), *dBs, *([None] * num_groups))
+
+
+def _as_input_dtype(x, tensors):
+    """Adapters may be kept in fp32 for the optimizer: compute in x's dtype (autograd casts back)."""
+    return [t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
+
+
+def _check_shapes(name, x, weight, lora_A, lora_B):
+    K = x.shape[-1]
+    if weight.shape[1] != K or lora_A.shape[1] != K or lora_B.shape[0] != weight.shape[0] \
+            or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(
+            f"{name}: shapes do not fit x [..., {K}], weight [N, K] {tuple(weight.shape)}, "
+            f"lora_A [r, K] {tuple(lora_A.shape)}, lora_B [N, r] {tuple(lora_B.shape)}; "
+            "adapters use PEFT's orientation (lora_A.weight, lora_B.weight)."
+        )
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, impl="auto"):
+    """y = x W^T + b + scale * dropout(x) A^T B^T, differentiable in x, lora_A and lora_B."""
+    impl = resolve_lora_impl(impl, x.device)
+    _check_shapes("lora_linear", x, weight, lora_A, lora_B)
+    seed = _check_seed(dropout_p, seed)
+    if impl == "reference":
+        return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    weight, lora_A, lora_B, bias = _as_input_dtype(x, [weight, lora_A, lora_B, bias])
+    (y,) = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), lora_A, float(scale), float(dropout_p), seed, 1,
+                                   weight, lora_B, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_qkv(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dropout_p=0.0, seed=None, impl="auto"):
+    """(q, k, v) = three LoRA linears of x; the triton path reads x once for all three adapters."""
+    impl = resolve_lora_impl(impl, x.device)
+    for w, a, b in zip(weights, lora_As, lora_Bs):
+        _check_shapes("lora_qkv", x, w, a, b)
+    if len({a.shape[0] for a in lora_As}) != 1:
+        raise ValueError(f"lora_qkv: q, k and v adapters need one rank, got {[a.shape[0] for a in lora_As]}.")
+    seed = _check_seed(dropout_p, seed)
+    if impl == "reference":
+        return lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases, dropout_p, seed)
+    weights, lora_As, lora_Bs, biases = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs, biases))
+    outs = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As), float(scale), float(dropout_p),
+                                   seed, 3, *weights, *lora_Bs, *biases)
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) with LoRA on all three; h = silu(gate) * up is not stored."""
+
+    @staticmethod
+    def forward(ctx, x2d, lora_A_gu, lora_A_down, scale, dropout_p, seed, w_gate, w_up, w_down, B_gate, B_up, B_down):
+        (gate, up), xa_gu = _group_forward(x2d, lora_A_gu, (w_gate, w_up), (B_gate, B_up), (None, None),
+                                           scale, dropout_p, seed)
+        h = swiglu_forward(gate, up)
+        (out,), xa_down = _group_forward(h, lora_A_down, (w_down,), (B_down,), (None,), scale, dropout_p,
+                                         _down_seed(seed))
+        del h
+        ctx.save_for_backward(x2d, xa_gu, gate, up, xa_down, lora_A_gu, lora_A_down, w_gate, w_up, w_down,
+                              B_gate, B_up, B_down)
+        ctx.hyper = (scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        scale, dropout_p, seed = ctx.hyper
+        x2d, xa_gu, gate, up, xa_down, lora_A_gu, lora_A_down, w_gate, w_up, w_down, B_gate, B_up, B_down = \
+            ctx.saved_tensors
+        need_A, need_B = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], any(ctx.needs_input_grad[9:12])
+        h = swiglu_forward(gate, up)  # recomputed: dA_down needs the down projection's input
+        dh, dA_down, (dB_down,) = _group_backward((d_out,), h, xa_down, lora_A_down, (w_down,), (B_down,), scale,
+                                                  dropout_p, _down_seed(seed), True, need_A, need_B)
+        del h
+        d_gate, d_up = swiglu_backward(dh, gate, up)
+        dx, dA_gu, (dB_gate, dB_up) = _group_backward((d_gate, d_up), x2d, xa_gu, lora_A_gu, (w_gate, w_up),
+                                                      (B_gate, B_up), scale, dropout_p, seed,
+                                                      ctx.needs_input_grad[0], need_A, need_B)
+        return dx, dA_gu, dA_down, None, None, None, None, None, None, dB_gate, dB_up, dB_down
+
+
+def lora_mlp(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, impl="auto"):
+    """down(silu(gate(x)) * up(x)); weights/lora_As/lora_Bs ordered (gate, up, down), no biases."""
+    impl = resolve_lora_impl(impl, x.device)
+    _check_shapes("lora_mlp gate", x, weights[0], lora_As[0], lora_Bs[0])
+    _check_shapes("lora_mlp up", x, weights[1], lora_As[1], lora_Bs[1])
+    _check_shapes("lora_mlp down", x.new_empty(0, weights[0].shape[0]), weights[2], lora_As[2], lora_Bs[2])
+    seed = _check_seed(dropout_p, seed)
+    if impl == "reference":
+        return lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p, seed)
+    weights, lora_As, lora_Bs = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs))
+    out = LoRAMLPFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As[:2]), lora_As[2], float(scale),
+                                float(dropout_p), seed, *weights, *lora_Bs)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+__all__ = [
+    "lora_linear", "lora_qkv", "lora_mlp", "resolve_lora_impl", "dropout_keep_mask", "materialize_keep_mask",
+    "lora_linear_reference", "lora_qkv_reference", "lora_mlp_reference",
+]

@@ -1,0 +1,370 @@
+"""The training data stream of one rank: exactly ``grad_accum`` micro-batches per step.
+
+    stream = TrainStream(cfg, tokenizer, rank=r, world_size=w, grad_accum=4, seed=0)
+    micro_batches = stream.next_step()        # same count on every rank
+    stream.set_tasks(["asr", "sum"])          # curriculum stage change, nothing read is lost
+    state = stream.state_dict()               # JSON-serializable; save with the checkpoint
+    stream.load_state_dict(state)             # the sample sequence continues exactly
+
+Each rank runs ``max(1, num_workers)`` producers (stream.ExampleSource + a Sampler), one per
+DataLoader worker, each over its own share of the shards (slot = rank * workers + worker).
+The training process takes examples from the producers round-robin, in each producer's
+order, and buckets them into micro-batches (loaders.batching).
+
+Exact resume, with or without workers: every example carries its producer's state at the
+start of the group it was drawn in and its ordinal. The saved state of a producer is the
+group state of its oldest example still waiting to be batched, plus which later ordinals
+were already used; a resume replays that stretch (re-decoding at most one group and the
+waiting examples) and rebuilds the waiting queue in order. ``set_tasks`` uses the same path
+(state -> new tasks -> load), so a stage change is exactly reproducible too. A resume must
+use the same world size and num_workers (the shard split depends on them).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import glob
+import os
+import sys
+
+import torch
+
+from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
+from loaders.stream import (
+    LABELLED_TASKS, ErrorCounter, ExampleSource, ProportionalSampler, SampleTooLong, check_enough_shards,
+    check_shards_exist, count_examples, expand_sources, expand_urls, iter_tar_samples, prepare_example,
+    source_weight,
+)
+from loaders.audio import AudioError
+from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
+
+STATE_VERSION = 1
+
+
+def demo_shard_urls(cache_dir) -> tuple[list[str], list[str]]:
+    """The embedded demo set's train and val shard paths, generated into cache_dir on first use."""
+    from loaders import demo_data
+
+    if not os.path.isfile(os.path.join(cache_dir, "shards.json")):
+        print(f"[loaders] generating the embedded demo shards into {os.path.abspath(cache_dir)} "
+              "(python -m loaders.demo_data)", file=sys.stderr, flush=True)
+    demo_data.write_demo_shards(cache_dir)
+    train = sorted(glob.glob(os.path.join(cache_dir, "train-*.tar")))
+    val = sorted(glob.glob(os.path.join(cache_dir, "val-*.tar")))
+    return train, val
+
+
+def _is_empty(spec) -> bool:
+    return not spec.strip() if isinstance(spec, str) else not list(spec)
+
+
+def resolve_sources(cfg, split: str) -> list[list[str]]:
+    """data.train / data.val as URL lists per source, checked to exist. An empty data.train
+    means the demo set; an empty data.val means the demo's val split when data.train is
+    empty too, else no validation data ([])."""
+    spec = getattr(cfg, split)
+    if _is_empty(spec):
+        if split == "val" and not _is_empty(cfg.train):
+            return []
+        train, val = demo_shard_urls(cfg.demo_dir)
+        return [train if split == "train" else val]
+    sources = expand_sources(spec)
+    for urls in sources:
+        check_shards_exist(urls, f"data.{split}")
+    return sources
+
+
+# --- producers ------------------------------------------------------------------------------
+class ExampleProducer:
+    """One slot's ExampleSource and Sampler; yields examples tagged for exact resume."""
+
+    def __init__(self, cfg, tokenizer, sources, data_counts, *, slot, num_slots, seed, worker,
+                 active_tasks, task_weights):
+        self.cfg, self.worker = cfg, worker
+        self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed)
+        weights = [source_weight(cfg, s) for s in range(len(sources))]
+        self.sampler = ProportionalSampler(data_counts, weights, seed=seed, slot=slot, active_tasks=active_tasks,
+                                           task_weights=task_weights)
+        self.ordinal = 0
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy({"source": self.source.state_dict(), "sampler": self.sampler.state_dict(),
+                              "ordinal": self.ordinal})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state["source"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.ordinal = state["ordinal"]
+
+    def iterate(self, entry: dict | None):
+        """Examples from a saved entry (or the start). ``entry["switches"]`` lists task changes
+        as [after_ordinal, active_tasks, task_weights]: each applies from the first group that
+        starts after that ordinal, so a replay switches exactly where the original run did."""
+        skip, switches = set(), []
+        if entry is not None:
+            if entry["resume"] is not None:
+                self.load_state_dict(entry["resume"])
+            skip, switches = set(entry["skip"]), [list(s) for s in entry["switches"]]
+        while True:
+            while switches and self.ordinal > switches[0][0]:
+                _, active_tasks, task_weights = switches.pop(0)
+                self.sampler.set_tasks(active_tasks, task_weights)
+            group_state, group_start = self.state_dict(), self.ordinal
+            examples = self.sampler.next_examples(self.source, self.cfg.max_tokens_per_batch)
+            counts = self.source.counts()
+            for example in examples:
+                ordinal = self.ordinal
+                self.ordinal += 1
+                if ordinal in skip:
+                    continue
+                example.origin = (self.worker, ordinal)
+                example.group_state, example.group_start = group_state, group_start
+                example.group_end, example.counts_after = group_start + len(examples) - 1, counts
+                yield example
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    def __init__(self, make_producer, entries):
+        self.make_producer, self.entries = make_producer, entries
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info().id
+        producer = self.make_producer(worker)
+        return producer.iterate(self.entries[worker])
+
+
+def _keep_as_is(item):
+    return item
+
+
+class TrainStream:
+    """Endless token-budget micro-batches for one rank (see the module docstring)."""
+
+    def __init__(self, cfg, tokenizer, *, rank: int, world_size: int, grad_accum: int, seed: int,
+                 active_tasks=None, task_weights=None):
+        if not 0 <= rank < world_size or grad_accum < 1:
+            raise ValueError(f"need 0 <= rank < world_size and grad_accum >= 1 (got {rank}, {world_size}, {grad_accum})")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rank, self.world_size, self.grad_accum, self.seed = rank, world_size, grad_accum, seed
+        self.num_workers = cfg.num_workers
+        self.num_producers = max(1, cfg.num_workers)
+        self.sources = resolve_sources(cfg, "train")
+        num_slots = world_size * self.num_producers
+        for urls in self.sources:
+            check_enough_shards(urls, num_slots, world_size, cfg.num_workers, "data.train")
+        if cfg.weights and len(cfg.weights) != len(self.sources):
+            raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(self.sources)} source(s) in "
+                             "data.train; give one weight per source")
+        self.data_counts = {index: count_examples(urls) for index, urls in enumerate(self.sources)}
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
+        self.task_weights = dict(task_weights or {})
+        self._loader_iter = None
+        self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
+                     "counts_by_worker": [None] * self.num_producers, "used": 0, "used_tasks": {}, "steps": 0})
+
+    # --- producers --------------------------------------------------------------------------
+    def _make_producer(self, worker: int) -> ExampleProducer:
+        return ExampleProducer(self.cfg, self.tokenizer, self.sources, self.data_counts,
+                               slot=self.rank * self.num_producers + worker,
+                               num_slots=self.world_size * self.num_producers, seed=self.seed, worker=worker,
+                               active_tasks=self.active_tasks, task_weights=self.task_weights)
+
+    def _start(self, state: dict) -> None:
+        self.close()
+        self.entries = state["workers"]
+        self.counts_by_worker = list(state["counts_by_worker"])
+        self.used, self.used_tasks, self.steps = state["used"], dict(state["used_tasks"]), state["steps"]
+        self.last_pulled = [e["last"] if e else -1 for e in self.entries]
+        self.switches = [list(e["switches"]) if e else [] for e in self.entries]
+        self._last_example = [None] * self.num_producers
+        self.stash = [collections.deque() for _ in range(self.num_producers)]
+        if self.num_workers == 0:
+            self._iters = [self._make_producer(0).iterate(self.entries[0])]
+        else:
+            dataset = _WorkerDataset(self._make_producer, self.entries)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                 collate_fn=_keep_as_is, multiprocessing_context="fork")
+            self._loader_iter = iter(loader)
+        # Rebuild the waiting queue: each producer replays its waiting examples first, in order.
+        waiting = collections.defaultdict(list)
+        for worker, ordinal in state["queue"]:
+            waiting[worker].append(ordinal)
+        replayed = {}
+        for worker, ordinals in waiting.items():
+            for ordinal in sorted(ordinals):
+                example = self._pull_from(worker, update_counts=False)
+                if example.origin[1] != ordinal:
+                    raise RuntimeError(f"loader resume diverged: worker {worker} replayed ordinal "
+                                       f"{example.origin[1]}, expected {ordinal}; the shards changed since the checkpoint")
+                replayed[(worker, ordinal)] = example
+        self.queue = [replayed[(w, o)] for w, o in state["queue"]]
+        self.next_worker = state["next_worker"]
+
+    def _pull_from(self, worker: int, update_counts: bool = True):
+        if self.num_workers == 0:
+            example = next(self._iters[0])
+        else:
+            while not self.stash[worker]:
+                item = next(self._loader_iter)
+                self.stash[item.origin[0]].append(item)
+            example = self.stash[worker].popleft()
+        if update_counts:
+            self._last_example[worker] = example
+            self.last_pulled[worker] = example.origin[1]
+            self.counts_by_worker[worker] = dict(example.counts_after, group_end=example.group_end)
+        return example
+
+    def _pull(self):
+        example = self._pull_from(self.next_worker)
+        self.next_worker = (self.next_worker + 1) % self.num_producers
+        return example
+
+    # --- steps ------------------------------------------------------------------------------
+    def next_step(self) -> list[dict]:
+        """Exactly grad_accum micro-batches, each within data.max_tokens_per_batch padded slots."""
+        budget = self.cfg.max_tokens_per_batch
+        micro_batches = []
+        for _ in range(self.grad_accum):
+            while sum(e.num_tokens for e in self.queue) < LOOKAHEAD_BATCHES * budget:
+                self.queue.append(self._pull())
+            chosen = select_micro_batch([e.num_tokens for e in self.queue], budget)
+            examples = [self.queue[i] for i in chosen]
+            chosen_set = set(chosen)
+            self.queue = [e for i, e in enumerate(self.queue) if i not in chosen_set]
+            assert padded_cost([e.num_tokens for e in examples]) <= budget  # select_micro_batch guarantees it
+            for e in examples:
+                self.used_tasks[e.task] = self.used_tasks.get(e.task, 0) + 1
+            self.used += len(examples)
+            micro_batches.append(collate(examples, self.pad_token_id))
+        self.steps += 1
+        return micro_batches
+
+    def set_tasks(self, active_tasks, task_weights=None) -> None:
+        """Switch the mix (curriculum stage). Waiting examples of dropped tasks are still used."""
+        active_tasks, task_weights = list(active_tasks), dict(task_weights or {})
+        for worker in range(self.num_producers):
+            self.switches[worker].append([self.last_pulled[worker], active_tasks, task_weights])
+        state = self.state_dict()
+        state["active_tasks"], state["task_weights"] = active_tasks, task_weights
+        self.load_state_dict(state)
+
+    # --- state ------------------------------------------------------------------------------
+    def _worker_entry(self, worker: int):
+        """Where this producer resumes: the group of its oldest waiting example (or of its last
+        example when none waits), with the ordinals already used after that group's start."""
+        waiting = [e for e in self.queue if e.origin[0] == worker]
+        if waiting:
+            oldest = min(waiting, key=lambda e: e.origin[1])
+            resume = oldest.group_state
+        elif self._last_example[worker] is not None:
+            resume = self._last_example[worker].group_state
+        elif self.entries[worker] is not None:
+            resume = self.entries[worker]["resume"]
+        else:
+            resume = None
+        if resume is None:
+            return {"resume": None, "skip": [], "last": -1, "switches": self.switches[worker]} if self.switches[worker] else None
+        waiting_ordinals = {e.origin[1] for e in waiting}
+        last = self.last_pulled[worker]
+        skip = [o for o in range(resume["ordinal"], last + 1) if o not in waiting_ordinals]
+        # Switches before the resume group are already in its state.
+        switches = [s for s in self.switches[worker] if s[0] >= resume["ordinal"]]
+        return {"resume": resume, "skip": skip, "last": last, "switches": switches}
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+            "num_workers": self.num_workers, "seed": self.seed,
+            "active_tasks": list(self.active_tasks), "task_weights": dict(self.task_weights),
+            "workers": [self._worker_entry(w) for w in range(self.num_producers)],
+            "queue": [list(e.origin) for e in self.queue], "next_worker": self.next_worker,
+            "counts_by_worker": copy.deepcopy(self.counts_by_worker),
+            "used": self.used, "used_tasks": dict(self.used_tasks), "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = (self.world_size, self.num_workers, self.seed)
+        saved = (state["world_size"], state["num_workers"], state["seed"])
+        if saved != expected:
+            raise ValueError(f"loader state was saved with world_size, num_workers, seed = {saved} but this run has "
+                             f"{expected}; resume with the same values (the shard split depends on them)")
+        self.active_tasks, self.task_weights = list(state["active_tasks"]), dict(state["task_weights"])
+        self._start(state)
+
+    # --- counts -----------------------------------------------------------------------------
+    def counts(self) -> dict:
+        """{"read", "used", "pending", "skipped": {reason: n}, "epoch", "tasks": {task: used}};
+        read == used + pending + sum(skipped)."""
+        read, skipped, pending, epoch = 0, {}, len(self.queue), 0
+        for worker, c in enumerate(self.counts_by_worker):
+            if c is None:
+                continue
+            read += c["read"]
+            for reason, n in c["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            pending += c["buffered"] + (c["group_end"] - self.last_pulled[worker])
+            epoch = max(epoch, c["epoch"])
+        return {"read": read, "used": self.used, "pending": pending, "skipped": skipped, "epoch": epoch,
+                "tasks": dict(self.used_tasks)}
+
+    def close(self) -> None:
+        self._loader_iter = None  # DataLoader workers exit when their iterator is collected
+        self._iters = []
+
+
+# --- validation -----------------------------------------------------------------------------
+def _val_examples(urls, cfg, tokenizer, errors: ErrorCounter, max_samples):
+    """Every (record, task) example of the shards, in shard order; bad samples skipped and counted."""
+    count = 0
+    for url in urls:
+        for sample in iter_tar_samples(url):
+            if sample.error is not None:
+                errors.report(*sample.error)
+                continue
+            try:
+                tasks = tasks_of_record(sample.meta)
+            except UnknownTaskError as exc:
+                errors.report("unknown_task", f"{sample.where}: {exc}")
+                continue
+            if not tasks:
+                errors.report("no_target", f"{sample.where}: the JSON has none of {', '.join(TARGET_FIELDS.values())}")
+            for task in tasks:
+                if task in LABELLED_TASKS:
+                    value = str(sample.meta[TARGET_FIELDS[task]]).strip()
+                    closed = getattr(cfg, LABELLED_TASKS[task])
+                    if value not in closed:
+                        errors.report("label_outside_set", f"{sample.where}: {task} label {value!r} is not in "
+                                      f"data.{LABELLED_TASKS[task]}={list(closed)}", force_raise=cfg.strict)
+                        continue
+                try:
+                    yield prepare_example(sample, task, 0, cfg, tokenizer)
+                except (AudioError, SampleTooLong) as exc:
+                    errors.report(exc.reason, str(exc))
+                    continue
+                count += 1
+                if max_samples is not None and count >= max_samples:
+                    return
+
+
+def build_val_batches(cfg, tokenizer, *, rank: int, world_size: int, max_samples: int | None = None) -> list[dict]:
+    """One finite pass over this rank's val shards (``shards[rank::world_size]``), every task of
+    every record, as micro-batches within data.max_tokens_per_batch (sorted by length, so
+    padding is small). Ranks may get different numbers of batches."""
+    urls = [url for source in resolve_sources(cfg, "val") for url in source]
+    if not urls:
+        return []
+    check_enough_shards(urls, world_size, world_size, 0, "data.val")
+    errors = ErrorCounter(cfg.on_error)
+    examples = list(_val_examples(urls[rank::world_size], cfg, tokenizer, errors, max_samples))
+    examples.sort(key=lambda e: e.num_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches, current = [], []
+    for example in examples:
+        if current and (len(current) + 1) * example.num_tokens > cfg.max_tokens_per_batch:
+            batches.append(collate(current, pad))
+            current = []
+        current.append(example)
+    if current:
+        batches.append(collate(current, pad))
+    return batches

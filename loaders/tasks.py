@@ -1,0 +1,57 @@
+"""The four tasks, their target fields and default label sets.
+
+A shard sample's JSON names its targets either through an explicit ``task`` field (plus
+that task's target field) or simply by carrying target fields: ``text`` (asr), ``summary``
+(sum), ``dialect`` (did), ``emotion`` (ser). One recording with several targets yields one
+example per task. This module is dependency-free so every room can import it.
+"""
+from __future__ import annotations
+
+# Order is the task id (0..3) used in batches (`task_ids`) and metrics.
+TASKS = ("asr", "sum", "did", "ser")
+
+# JSON field that holds each task's target.
+TARGET_FIELDS = {"asr": "text", "sum": "summary", "did": "dialect", "ser": "emotion"}
+
+# Recipe defaults for data.dialects / data.emotions (closed label sets of DID and SER).
+DEFAULT_DIALECTS = ("egy", "glf", "lev", "msa", "nor")
+DEFAULT_EMOTIONS = ("neutral", "happy", "sad", "angry")
+
+TASK_IDS = {task: index for index, task in enumerate(TASKS)}
+
+
+class UnknownTaskError(ValueError):
+    """A record names a task outside TASKS."""
+
+
+def _has_target(meta: dict, field: str) -> bool:
+    value = meta.get(field)
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.strip() != ""
+    return True
+
+
+def tasks_of_record(meta: dict) -> list[str]:
+    """Tasks a sample's JSON record yields, in TASKS order.
+
+    With an explicit ``task`` field (a task name or a list of names) exactly those tasks are
+    returned, each only if its target field is present and non-empty. Without it, every task
+    whose target field is present and non-empty is returned. An empty list means the record
+    carries no usable target. A ``task`` value outside TASKS raises UnknownTaskError so the
+    caller can skip and count the sample (or stop, in strict mode).
+    """
+    if not isinstance(meta, dict):
+        raise TypeError(f"a sample's JSON must be an object, got {type(meta).__name__}")
+    explicit = meta.get("task")
+    if explicit is None:
+        return [task for task in TASKS if _has_target(meta, TARGET_FIELDS[task])]
+    named = [explicit] if isinstance(explicit, str) else list(explicit)
+    unknown = [name for name in named if name not in TASK_IDS]
+    if unknown:
+        raise UnknownTaskError(
+            f"unknown task {unknown[0]!r} in the sample's 'task' field; "
+            f"expected one of {', '.join(TASKS)}"
+        )
+    return [task for task in TASKS if task in named and _has_target(meta, TARGET_FIELDS[task])]

@@ -1,0 +1,131 @@
+"""Loader throughput: samples/s and audio-seconds/s of the whole pipeline, 0/1/2 workers.
+
+    python -m profiling.bench_loader [--seconds 8] [--max-tokens 2048] [--demo-dir data/demo]
+
+Measures TrainStream.next_step() end to end (tar read, JSON routing, decode, resample,
+log-mel, prompt, bucketing, collate) over the embedded demo shards, for 0, 1 and 2
+DataLoader workers. Baseline, measured in the same run: the same pipeline with the features
+computed by transformers' WhisperFeatureExtractor(feature_size=128) called per sample with
+padding="longest", truncation=False (not padded to 30 s). The ratio column is ours / baseline
+at the same worker count.
+
+Prints a table, writes profiling/results/bench_loader.json and appends one CSV row per
+configuration to profiling/results/bench_loader.csv (git revision, device, settings).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+RESULTS_CSV = RESULTS / "bench_loader.csv"
+RESULTS_JSON = RESULTS / "bench_loader.json"
+WARMUP_STEPS = 2  # fills the shuffle blocks and starts the workers; not timed
+WORKER_COUNTS = (0, 1, 2)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "uncommitted"
+
+
+def device_name() -> str:
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def measure(cfg, tokenizer, seconds: float) -> dict:
+    """Steps of one rank (grad_accum=1) for about ``seconds`` after warm-up."""
+    from loaders.pipeline import TrainStream
+
+    stream = TrainStream(cfg, tokenizer, rank=0, world_size=1, grad_accum=1, seed=0)
+    for _ in range(WARMUP_STEPS):
+        stream.next_step()
+    samples = frames = tokens = steps = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for mb in stream.next_step():
+            samples += len(mb["keys"])
+            frames += int(mb["feature_attention_mask"].sum())
+            tokens += mb["num_tokens"]
+        steps += 1
+    elapsed = time.perf_counter() - start
+    stream.close()
+    return {"steps": steps, "samples": samples, "elapsed_s": elapsed, "samples_per_s": samples / elapsed,
+            "audio_s_per_s": frames / 100.0 / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def run(seconds: float, max_tokens: int, demo_dir: str) -> list[dict]:
+    import loaders.stream as stream_module
+    from engine.tokenizer import build_tiny_tokenizer
+    from loaders.config import DataConfig
+    from loaders.features import log_mel, reference_log_mel
+
+    tokenizer = build_tiny_tokenizer()
+    rows = []
+    for workers in WORKER_COUNTS:
+        cfg = DataConfig(demo_dir=demo_dir, num_workers=workers, max_tokens_per_batch=max_tokens)
+        for impl, features in (("whisper_extractor", reference_log_mel), ("ours", log_mel)):
+            stream_module.log_mel = features  # workers fork after this, so they inherit it
+            try:
+                result = measure(cfg, tokenizer, seconds)
+            finally:
+                stream_module.log_mel = log_mel
+            rows.append({"workers": workers, "features": impl, **result})
+    for row in rows:
+        base = next(r for r in rows if r["workers"] == row["workers"] and r["features"] == "whisper_extractor")
+        row["x_vs_extractor"] = row["samples_per_s"] / base["samples_per_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'workers':>7} {'features':>18} {'samples/s':>10} {'audio s/s':>10} {'tokens/s':>10} {'vs extractor':>12}")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['features']:>18} {r['samples_per_s']:>10.1f} {r['audio_s_per_s']:>10.1f} "
+              f"{r['tokens_per_s']:>10.0f} {r['x_vs_extractor']:>11.2f}x")
+
+
+def write_results(rows: list[dict], settings: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git": git_revision(), "device": device_name(), "torch": torch.__version__, **settings}
+    RESULTS_JSON.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    fields = list(meta) + ["workers", "features", "samples_per_s", "audio_s_per_s", "tokens_per_s", "x_vs_extractor",
+                           "steps", "samples", "elapsed_s"]
+    new_file = not RESULTS_CSV.exists()
+    with RESULTS_CSV.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**meta, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}})
+    print(f"wrote {RESULTS_JSON} and appended {len(rows)} rows to {RESULTS_CSV}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per configuration")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="data.max_tokens_per_batch")
+    parser.add_argument("--demo-dir", default="data/demo", help="where the demo shards are (generated if absent)")
+    args = parser.parse_args(argv)
+    rows = run(args.seconds, args.max_tokens, args.demo_dir)
+    print_table(rows)
+    write_results(rows, {"seconds": args.seconds, "max_tokens_per_batch": args.max_tokens,
+                         "shards": "demo", "grad_accum": 1})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Recipes, overrides and the errors a user sees for a bad config."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, RunConfig, available_recipes, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_four_recipes_exist_and_start_with_their_launch_command():
+    assert set(available_recipes()) >= {"random", "tpc", "ads", "hybrid"}
+    for name in ("random", "tpc", "ads", "hybrid"):
+        text = (REPO / "recipes" / f"{name}.yaml").read_text()
+        assert text.splitlines()[0] == f"# torchrun --nproc_per_node=2 engine/train.py --recipe {name} [key=value ...]"
+        assert "max_steps:" in text and "output_dir:" in text
+        cfg = load_config(name)
+        assert cfg.recipe == name and cfg.schedule.name == name
+
+
+def test_overrides_are_parsed_and_typed():
+    cfg = load_config("hybrid", ["optim.lr=2e-4", "model.path=/ckpt/Qwen2.5-Omni-7B", "max_steps=7",
+                                 "lora.targets=[q_proj,v_proj]", "optim.warmup_steps=3", "lora.alpha=32"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.path == "/ckpt/Qwen2.5-Omni-7B"
+    assert cfg.max_steps == 7 and cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.lora.alpha == 32.0 and isinstance(cfg.lora.alpha, float)  # int accepted for a float key
+    assert cfg.output_dir.startswith("runs/hybrid-")
+
+
+def test_unknown_key_names_the_nearest_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config("random", ["optim.lrr=1e-3"])
+    assert "optim.lrr" in str(e.value) and "optim.lr" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config("random", ["max_step=3"])
+    assert "max_steps" in str(e.value)
+
+
+def test_wrong_type_names_key_value_and_expected_type():
+    with pytest.raises(ConfigError) as e:
+        load_config("random", ["max_steps=ten"])
+    msg = str(e.value)
+    assert "max_steps" in msg and "'ten'" in msg and "int" in msg
+    with pytest.raises(ConfigError) as e:
+        load_config("random", ["model.train_audio_encoder=3"])
+    assert "model.train_audio_encoder" in str(e.value) and "bool" in str(e.value)
+
+
+def test_missing_recipe_lists_the_recipes_that_exist():
+    with pytest.raises(ConfigError) as e:
+        load_config("hybird")
+    msg = str(e.value)
+    assert "hybird" in msg and all(n in msg for n in ("random", "tpc", "ads", "hybrid"))
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config("tpc", ["optim.lr=5e-4", f"output_dir={tmp_path / 'run'}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert again == cfg
+
+
+def test_cli_prints_config_errors_and_exits_2():
+    proc = subprocess.run([sys.executable, "engine/train.py", "--recipe", "random", "optim.betas=fast"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "optim.betas" in proc.stderr and "list" in proc.stderr

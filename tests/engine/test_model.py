@@ -1,0 +1,72 @@
+"""The thinker as we build it: vision removed, LoRA only in the LLM, checkpoint loading."""
+import pytest
+import torch
+
+from engine.config import LoRAConfig, LossConfig, ModelConfig
+from engine.model import build_model, build_thinker, locate_parts, text_position_ids
+from engine.tokenizer import AUDIO_TOKEN, build_tiny_tokenizer, load_checkpoint_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(ModelConfig(), LoRAConfig(), LossConfig(impl="reference"), tokenizer, CPU)
+
+
+def test_vision_encoder_is_removed_and_base_is_frozen(model):
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".visual." in n or n.startswith("visual.") for n in names)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+
+
+def test_lora_lands_in_the_llm_only_never_in_the_audio_encoder(model):
+    parts = locate_parts(model.thinker)
+    assert model.lora_modules and all(m.startswith(parts.llm_path + ".layers.") for m in model.lora_modules)
+    tower_lora = [n for n, _ in parts.audio_tower.named_parameters() if "lora" in n]
+    assert tower_lora == []
+    kinds = {m.rsplit(".", 1)[-1] for m in model.lora_modules}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_positions_equal_transformers_rope_index(model, tokenizer):
+    audio = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    ids = torch.tensor([[2, 9, 5] + [audio] * 7 + [6, 40, 41, 3, 0, 0],
+                        [2, 9, 5] + [audio] * 4 + [6, 40, 41, 42, 43, 44, 3, 0, 0]])
+    mask = (torch.arange(ids.shape[1]) < torch.tensor([[14], [14]])).long()
+    inner = model.thinker.model
+    expected, _ = inner.get_rope_index(ids, None, None, mask, False, torch.tensor([30, 20]), None)
+    ours = text_position_ids(mask)
+    assert ours.shape == (3, 2, ids.shape[1])
+    assert torch.equal(ours * mask, expected * mask)
+
+
+def test_checkpoint_folder_loads_with_the_same_weights(tmp_path, tokenizer):
+    reference = build_thinker(ModelConfig(seed=3), tokenizer, device=CPU, dtype=torch.float32)
+    full = build_thinker(ModelConfig(seed=3), tokenizer, device=CPU, dtype=torch.float32)
+    full.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    loaded = build_thinker(ModelConfig(path=str(tmp_path / "ckpt")), None, device=CPU, dtype=torch.float32)
+    want = reference.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    tok = load_checkpoint_tokenizer(tmp_path / "ckpt")
+    assert tok.convert_tokens_to_ids(AUDIO_TOKEN) == tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+
+
+def test_incomplete_checkpoint_folder_gets_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        build_thinker(ModelConfig(path=str(tmp_path)), None, device=CPU, dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        build_thinker(ModelConfig(path=str(tmp_path / "nope")), None, device=CPU, dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_checkpoint_tokenizer(tmp_path)

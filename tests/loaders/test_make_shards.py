@@ -1,0 +1,213 @@
+"""loaders/make_shards.py: manifest -> validated WebDataset shards + shards.json, round trip."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import webdataset as wds
+
+from loaders.make_shards import INDEX_FILE, main as make_shards_main, make_shards
+from loaders.tasks import TASKS, UnknownTaskError, tasks_of_record
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "arabic-speech"
+CLIPS = ("s00-m3.flac", "s00-f2.flac", "s01-m3.flac")
+
+
+def _asset_rows() -> dict[str, dict]:
+    rows = {}
+    for line in (ASSETS / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        rows[row["audio"]] = row
+    return rows
+
+
+def _write_manifest(path: Path, rows: list) -> Path:
+    lines = [row if isinstance(row, str) else json.dumps(row, ensure_ascii=False) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes}, read with the standard library."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+@pytest.fixture
+def real_manifest(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Rows for the real 22.05 kHz FLAC clips: one relative path, the others absolute."""
+    shutil.copy(ASSETS / CLIPS[0], tmp_path / CLIPS[0])
+    source = _asset_rows()
+    rows = [
+        {"audio": CLIPS[0], "text": source[CLIPS[0]]["text"], "dialect": "msa", "emotion": "neutral", "speaker": "m3"},
+        {"audio": str(ASSETS / CLIPS[1]), "text": source[CLIPS[1]]["text"], "summary": "ذهب الولد",
+         "emotion": "happy", "lang": "ar", "key": "clip-f2"},
+        {"audio": str(ASSETS / CLIPS[2]), "task": "did", "dialect": "egy", "text": source[CLIPS[2]]["text"],
+         "duration": 3.2},
+        {"audio": str(ASSETS / "long-passage.flac"), "text": source["long-passage.flac"]["text"], "key": "long-passage"},
+    ]
+    return _write_manifest(tmp_path / "manifest.jsonl", rows), rows
+
+
+def test_round_trip_keeps_audio_bytes_and_fields(real_manifest, tmp_path):
+    manifest, rows = real_manifest
+    out = tmp_path / "shards"
+    report = make_shards(manifest, out, log=lambda message: None)
+    assert report.refused == []
+    assert list(report.written) == ["train-000000.tar"]
+    shard = out / "train-000000.tar"
+    expected_keys = ["s00-m3", "clip-f2", "s01-m3", "long-passage"]
+    sources = [tmp_path / CLIPS[0], ASSETS / CLIPS[1], ASSETS / CLIPS[2], ASSETS / "long-passage.flac"]
+
+    with_tarfile = _read_tar(shard)
+    with_webdataset = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert [sample["__key__"] for sample in with_webdataset] == expected_keys
+    assert sorted(with_tarfile) == sorted(expected_keys)
+    for key, row, source, sample in zip(expected_keys, rows, sources, with_webdataset):
+        original = source.read_bytes()
+        assert sample["flac"] == original, f"{key}: audio bytes changed in the webdataset read"
+        assert with_tarfile[key]["flac"] == original, f"{key}: audio bytes changed in the tarfile read"
+        meta = json.loads(sample["json"])
+        assert meta == json.loads(with_tarfile[key]["json"])
+        for field, value in row.items():
+            if field not in ("audio", "key"):
+                assert meta[field] == value, f"{key}: field {field} changed"
+        assert "audio" not in meta and "key" not in meta
+        audio, rate = soundfile.read(io.BytesIO(sample["flac"]))
+        assert rate == 22050 and audio.ndim == 1
+        assert meta["duration"] == pytest.approx(len(audio) / rate, abs=0.1)
+    long_meta = json.loads(with_tarfile["long-passage"]["json"])
+    assert long_meta["duration"] > 80.0, "the 82 s passage must be kept whole"
+
+
+def test_index_counts_equal_a_recount_of_the_tars(real_manifest, tmp_path):
+    manifest, _ = real_manifest
+    out = tmp_path / "shards"
+    make_shards(manifest, out, max_count=3, log=lambda message: None)
+    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
+    assert index["format"] == 1
+    assert sorted(index["shards"]) == ["train-000000.tar", "train-000001.tar"]
+    for name, entry in index["shards"].items():
+        samples = _read_tar(out / name)
+        tasks = {task: 0 for task in TASKS}
+        labels: dict[str, dict[str, int]] = {}
+        seconds = 0.0
+        for parts in samples.values():
+            meta = json.loads(parts["json"])
+            for task in tasks_of_record(meta):
+                tasks[task] += 1
+                field = {"did": "dialect", "ser": "emotion"}.get(task)
+                if field:
+                    labels.setdefault(task, {}).setdefault(meta[field], 0)
+                    labels[task][meta[field]] += 1
+            info = soundfile.info(io.BytesIO(parts["flac"]))
+            seconds += info.frames / info.samplerate
+        assert entry["samples"] == len(samples)
+        assert entry["tasks"] == {task: n for task, n in tasks.items() if n}
+        assert entry["labels"] == labels
+        assert entry["audio_seconds"] == pytest.approx(seconds, abs=0.01)
+    first = index["shards"]["train-000000.tar"]
+    # row 3 names task "did" explicitly: its text does not make an asr example
+    assert first["tasks"] == {"asr": 2, "sum": 1, "did": 2, "ser": 2}
+
+
+def test_same_manifest_gives_identical_bytes(real_manifest, tmp_path):
+    manifest, _ = real_manifest
+    make_shards(manifest, tmp_path / "a", log=lambda message: None)
+    make_shards(manifest, tmp_path / "b", log=lambda message: None)
+    for name in ("train-000000.tar", INDEX_FILE):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_refused_rows_are_reported_with_row_and_reason(tmp_path, capsys):
+    clip = tmp_path / "good.flac"
+    shutil.copy(ASSETS / CLIPS[1], clip)
+    (tmp_path / "noise.wav").write_bytes(b"this is not audio at all")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    soundfile.write(tmp_path / "silent-header.wav", np.zeros(0, dtype="int16"), 16000)
+    shutil.copy(ASSETS / CLIPS[1], tmp_path / "clip.sph")
+    whole = (ASSETS / CLIPS[0]).read_bytes()
+    (tmp_path / "cut.flac").write_bytes(whole[: len(whole) // 2])
+    rows = [
+        {"audio": "good.flac", "text": "نص", "emotion": "happy"},                 # 1 ok
+        {"audio": "missing.flac", "text": "نص"},                                 # 2
+        {"audio": "noise.wav", "text": "نص"},                                    # 3
+        {"audio": "empty.wav", "text": "نص"},                                    # 4
+        {"audio": "silent-header.wav", "text": "نص"},                            # 5
+        {"audio": "cut.flac", "text": "نص"},                                     # 6
+        {"audio": "good.flac", "speaker": "f2", "key": "no-target"},             # 7
+        {"audio": "good.flac", "text": "نص", "key": "bad.key"},                  # 8
+        {"audio": "good.flac", "text": "نص"},                                    # 9 duplicate derived key
+        {"audio": "good.flac", "text": "نص", "emotion": "bored", "key": "b"},    # 10
+        "{not json",                                                             # 11
+        {"audio": "good.flac", "task": "translate", "text": "نص", "key": "t"},   # 12
+        {"audio": "good.flac", "task": "sum", "text": "نص", "key": "s"},         # 13
+        {"audio": "good.flac", "text": ["a"], "key": "l"},                       # 14
+        {"text": "نص", "key": "no-audio"},                                       # 15
+        {"audio": "good.flac", "dialect": "glf", "key": "glf-ok"},               # 16 ok
+        {"audio": "clip.sph", "text": "نص"},                                     # 17
+    ]
+    manifest = _write_manifest(tmp_path / "manifest.jsonl", rows)
+    code = make_shards_main([str(manifest), str(tmp_path / "out"), "--emotions", "neutral,happy,sad,angry"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    expected = {
+        2: "does not exist", 3: "not readable by soundfile", 4: "empty (0 bytes)", 5: "no audio frames",
+        6: "cut.flac", 7: "no target", 8: "not tar-safe", 9: "already used by row 1", 10: "not in --emotions",
+        11: "not valid JSON", 12: "unknown task 'translate'", 13: "target field is missing", 14: "must be a string",
+        15: "missing 'audio'", 17: "is not named as one of",
+    }
+    refused_lines = [line for line in printed.splitlines() if line.startswith("refused row")]
+    assert len(refused_lines) == len(expected)
+    for row_number, reason in expected.items():
+        line = next((line for line in refused_lines if line.startswith(f"refused row {row_number}:")), None)
+        assert line is not None and reason in line, f"row {row_number}: expected {reason!r} in {line!r}"
+    assert "2 samples written in 1 shards, 15 rows refused" in printed
+    assert sorted(_read_tar(tmp_path / "out" / "train-000000.tar")) == ["glf-ok", "good"]
+
+
+def test_nothing_written_exits_non_zero(tmp_path, capsys):
+    manifest = _write_manifest(tmp_path / "manifest.jsonl", [{"audio": "missing.wav", "text": "نص"}])
+    code = make_shards_main([str(manifest), str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert "refused row 1" in captured.out and "nothing written" in captured.err
+    assert not (tmp_path / "out" / INDEX_FILE).exists()
+
+
+def test_a_second_prefix_joins_the_index(real_manifest, tmp_path):
+    manifest, _ = real_manifest
+    out = tmp_path / "shards"
+    make_shards(manifest, out, max_count=2, log=lambda message: None)
+    make_shards(manifest, out, prefix="val", log=lambda message: None)
+    index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
+    assert sorted(index["shards"]) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert index["shards"]["val-000000.tar"]["samples"] == 4
+
+
+def test_tasks_of_record_reads_targets_and_explicit_task():
+    assert tasks_of_record({"text": "a", "emotion": "sad", "dialect": "", "lang": "ar"}) == ["asr", "ser"]
+    assert tasks_of_record({"summary": "s", "text": "t", "dialect": "egy"}) == ["asr", "sum", "did"]
+    assert tasks_of_record({"task": "ser", "text": "t", "emotion": "sad"}) == ["ser"]
+    assert tasks_of_record({"task": ["did", "asr"], "text": "t", "dialect": "egy"}) == ["asr", "did"]
+    assert tasks_of_record({"task": "sum", "text": "t"}) == []
+    assert tasks_of_record({"speaker": "x"}) == []
+    with pytest.raises(UnknownTaskError, match="translate"):
+        tasks_of_record({"task": "translate", "text": "t"})
+
+
+def test_audio_extensions_match_the_streaming_reader():
+    """A shard member under an extension the reader does not know would be lost at training."""
+    from loaders.make_shards import AUDIO_EXTENSIONS
+    from loaders.stream import AUDIO_EXTENSIONS as READER_EXTENSIONS
+    assert set(AUDIO_EXTENSIONS) == set(READER_EXTENSIONS)
