@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
 from engine.config import LoRAConfig, LossConfig, ModelConfig
@@ -210,29 +211,57 @@ class OmniLoRAModel(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), audio.to(embeds.dtype))
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
-        audio = self.encode_audio(batch.get("input_features"), batch.get("feature_attention_mask"))
-        embeds = self.embed(batch["input_ids"], audio)
-        positions = text_position_ids(batch["attention_mask"])
-        out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions, use_cache=False)
+        with record_function("forward.audio_encoder"):
+            audio = self.encode_audio(batch.get("input_features"), batch.get("feature_attention_mask"))
+        with record_function("forward.llm"):
+            embeds = self.embed(batch["input_ids"], audio)
+            positions = text_position_ids(batch["attention_mask"])
+            out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
+                           use_cache=False)
         return out.last_hidden_state
 
-    # --- training forward ----------------------------------------------------------------
-    def forward(self, batch: dict) -> dict:
+    # --- forward ------------------------------------------------------------------------
+    # Everything runs through forward() so that FSDP's root hooks gather the root's weights
+    # (lm_head) on every path: training, validation and decoding.
+    def forward(self, batch: dict, mode: str = "train") -> dict | torch.Tensor:
+        """mode "train": loss sums; "eval": the same plus first-target-token predictions;
+        "next_token_logits": [B, V] fp32 logits at each row's last real position (decoding)."""
         hidden = self.hidden_states(batch)
+        if mode == "next_token_logits":
+            last = batch["attention_mask"].sum(dim=1) - 1
+            rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return self.lm_head(rows).float()
         labels = batch["labels"][:, 1:]
         valid = labels != IGNORE_INDEX
         rows = hidden[:, :-1][valid]  # only target rows reach the 152k-wide lm_head
         targets = labels[valid]
         task_ids = batch["task_ids"][:, None].expand_as(labels)[valid]
-        loss_sum, n_valid, per_task = linear_cross_entropy(
-            rows, self.lm_head.weight, targets, task_ids=task_ids, num_tasks=self.num_tasks,
-            z_loss=self.loss_cfg.z_loss, label_smoothing=self.loss_cfg.label_smoothing, impl=self.loss_cfg.impl)
+        with record_function("forward.loss"):
+            loss_sum, n_valid, per_task = linear_cross_entropy(
+                rows, self.lm_head.weight, targets, task_ids=task_ids, num_tasks=self.num_tasks,
+                z_loss=self.loss_cfg.z_loss, label_smoothing=self.loss_cfg.label_smoothing, impl=self.loss_cfg.impl)
         per_task_count = torch.bincount(task_ids, minlength=self.num_tasks)
-        return {"loss_sum": loss_sum, "n_valid": n_valid, "per_task_loss_sum": per_task, "per_task_count": per_task_count}
+        out = {"loss_sum": loss_sum, "n_valid": n_valid, "per_task_loss_sum": per_task, "per_task_count": per_task_count}
+        if mode == "eval":
+            out.update(self._first_target_predictions(hidden, labels, valid))
+        elif mode != "train":
+            raise ValueError(f"unknown forward mode {mode!r}; use train, eval or next_token_logits")
+        return out
+
+    def _first_target_predictions(self, hidden: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> dict:
+        """Teacher-forced prediction of each row's first target token (the label's first token
+        for DID/SER): [B] predicted ids, [B] target ids (-100 for rows without a target)."""
+        has_target = valid.any(dim=1)
+        first = valid.float().argmax(dim=1)
+        b = torch.arange(hidden.shape[0], device=hidden.device)
+        logits = self.lm_head(hidden[:, :-1][b, first])
+        predicted = logits.argmax(dim=-1)
+        target = torch.where(has_target, labels[b, first], torch.full_like(first, IGNORE_INDEX))
+        return {"first_pred": predicted, "first_target": target}
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor:
-        """Full logits [B, T, V] for inspection and tests (never used in training)."""
+        """Full logits [B, T, V] for inspection and tests of an unsharded model (never in training)."""
         return self.lm_head(self.hidden_states(batch)).float()
 
 

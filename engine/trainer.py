@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig
@@ -161,7 +162,8 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------
     def train_step(self) -> StepStats:
         t0 = time.perf_counter()
-        micro_batches = self.stream.next_step()
+        with record_function("data_wait"):
+            micro_batches = self.stream.next_step()
         data_s = time.perf_counter() - t0
         env, model = self.env, self.model
         counts = torch.tensor([sum(target_tokens(mb) for mb in micro_batches),
@@ -179,7 +181,8 @@ class Trainer:
             loss = out["loss_sum"] * scale
             if inject:
                 loss = loss * float("nan")
-            loss.backward()
+            with record_function("backward"):
+                loss.backward()
             stats[0] += float(out["loss_sum"].detach()) * (float("nan") if inject else 1.0)
             stats[1:1 + len(TASKS)] += out["per_task_loss_sum"].detach().double().cpu()
             stats[1 + len(TASKS):] += out["per_task_count"].detach().double().cpu()
@@ -195,8 +198,9 @@ class Trainer:
         grad_norm = float(grad_norm)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
-            self.scheduler.step()
+            with record_function("optimizer"):
+                self.optimizer.step()
+                self.scheduler.step()
             self.state.bad_in_a_row = 0
         else:
             self.state.skipped_steps += 1

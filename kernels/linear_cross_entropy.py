@@ -39,29 +39,36 @@ except ImportError:  # pragma: no cover - exercised only on platforms without tr
 IMPLS = ("auto", "triton", "reference", "naive")
 
 # --- chunk sizing -----------------------------------------------------------------------------
-# A chunk of C tokens holds C x V logits. Its three GEMMs cost 2*C*V*H FLOPs each while the row
-# kernel moves about 3*C*V bytes per logit element, so the GEMM/row-kernel balance does not depend
-# on C, and H only scales the GEMM side; what C must respect is (a) memory and (b) GEMM tile
-# efficiency. H therefore does not enter the rule; T and V do:
-#   rows_by_memory = budget // (V * bytes per logit)   (budget below; on CUDA also <= free/4)
-#   rows_by_share  = ceil(T / MIN_CHUNKS)              (the chunk is <= 1/8 of the full logits)
-#   C = clamp(min(rows_by_memory, rows_by_share), MIN_ROWS, T), rounded down to ROW_ALIGN.
-# MIN_CHUNKS = 8 keeps the transient logits at most 1/8 of the naive logits, which together with
-# the fp32 softmax copies naive also makes keeps the loss under the 0.1x-naive memory goal.
+# A chunk of C tokens holds C x V logits; each of its GEMMs (logits, dh, dW) re-reads all of W.
+# Three forces set C:
+#   memory:  C * V * bytes_per_logit <= budget (CUDA: also <= free memory / 4)
+#   share:   C >= ceil(T / MIN_CHUNKS) is never needed for memory, so chunks are not cut finer
+#            than T / MIN_CHUNKS: the transient logits stay <= 1/8 of naive's logits alone
+#   GEMM rate (this is where H enters): a GEMM [C, H] x [H, V] does 2*C*H*V FLOPs over about
+#            e*(V*H + C*V) bytes (e = element size), i.e. 2*C*H / (e*(C + H)) FLOP/byte. It runs at
+#            the device's matmul rate once that reaches the device's ridge point R (peak FLOP/s
+#            over bandwidth), i.e. C >= R*e*H / (2*H - R*e). When 2*H <= R*e no height gets there
+#            (W's re-reads dominate), and the largest chunk memory allows is best.
+#   C = min(rows_by_memory, max(rows_by_share, rows_for_gemm_rate, MIN_ROWS)), at most T, rounded
+#   to ROW_ALIGN (up, unless that would pass the memory budget).
+# At V=152064, H=3584, bf16 on an H100 this gives 512 rows for T=4096 and 2048 for T=16384.
 MIN_CHUNKS = 8
 # 1 GiB of bf16 logits is 3530 tokens at V = 152064: GEMMs of that height already run at the
 # device's full matmul rate, so larger chunks would only spend memory.
 CUDA_MAX_CHUNK_BYTES = 1 << 30
 # A warm GPU may have little free memory left; never take more than this share of it.
 CUDA_FREE_MEMORY_SHARE = 4
+# H100 SXM: 989 TFLOP/s dense bf16 over 3.35 TB/s HBM3 = 295 FLOP/byte (H200: 206, so H100's
+# ridge is the stricter one).
+CUDA_RIDGE_FLOP_PER_BYTE = 295
 # 128 rows is one tensor-core tile height of cuBLAS' large GEMM kernels; shorter chunks waste it.
 CUDA_MIN_ROWS = 128
 CUDA_ROW_ALIGN = 128
 # On CPU the reference works in place on one fp32 chunk (plus the 16-bit GEMM output for 16-bit
-# inputs); 64 MiB is
-# small against the GBs the naive path needs and still tens of millions of logits per chunk, so
-# the per-chunk Python overhead stays negligible.
-CPU_MAX_CHUNK_BYTES = 64 << 20
+# inputs); 128 MiB is small against the GBs the naive path needs (4 GB at T=2048, V=152064).
+CPU_MAX_CHUNK_BYTES = 128 << 20
+# Two AVX2 cores: ~200 GFLOP/s fp32 over ~15 GB/s of DRAM bandwidth.
+CPU_RIDGE_FLOP_PER_BYTE = 13
 CPU_MIN_ROWS = 16
 CPU_ROW_ALIGN = 16
 
@@ -95,18 +102,27 @@ def resolve_loss_impl(impl: str, device) -> str:
     return impl
 
 
-def choose_chunk_rows(num_tokens: int, vocab: int, bytes_per_logit: int, device: torch.device) -> int:
+def choose_chunk_rows(num_tokens, hidden, vocab, element_size, bytes_per_logit, device) -> int:
     """Tokens per chunk, by the rule documented at the top of this file."""
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = min(CUDA_MAX_CHUNK_BYTES, free_bytes // CUDA_FREE_MEMORY_SHARE)
-        min_rows, align = CUDA_MIN_ROWS, CUDA_ROW_ALIGN
+        ridge, min_rows, align = CUDA_RIDGE_FLOP_PER_BYTE, CUDA_MIN_ROWS, CUDA_ROW_ALIGN
     else:
-        budget, min_rows, align = CPU_MAX_CHUNK_BYTES, CPU_MIN_ROWS, CPU_ROW_ALIGN
-    rows_by_memory = budget // (vocab * bytes_per_logit)
+        budget = CPU_MAX_CHUNK_BYTES
+        ridge, min_rows, align = CPU_RIDGE_FLOP_PER_BYTE, CPU_MIN_ROWS, CPU_ROW_ALIGN
+    rows_by_memory = max(1, budget // (vocab * bytes_per_logit))
     rows_by_share = math.ceil(num_tokens / MIN_CHUNKS)
-    rows = min(rows_by_memory, rows_by_share) // align * align
-    return max(1, min(num_tokens, max(rows, min_rows)))
+    ridge_bytes = ridge * element_size
+    if 2 * hidden > ridge_bytes:
+        rows_for_gemm_rate = math.ceil(ridge_bytes * hidden / (2 * hidden - ridge_bytes))
+    else:
+        rows_for_gemm_rate = rows_by_memory
+    rows = min(rows_by_memory, max(rows_by_share, rows_for_gemm_rate, min_rows))
+    rows = math.ceil(rows / align) * align
+    if rows > rows_by_memory:  # rounding up must not break the memory budget
+        rows = max(align, rows_by_memory // align * align)
+    return max(1, min(num_tokens, rows))
 
 
 # --- row math: PyTorch reference and Triton kernel ----------------------------------------------
@@ -217,7 +233,8 @@ def linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, z_loss, l
     compute_grad = need_dh or need_dw
     if chunk_rows is None:
         bytes_per_logit = hidden.element_size() if use_triton else 4 + (hidden.element_size() % 4)
-        chunk_rows = choose_chunk_rows(num_tokens, vocab, bytes_per_logit, hidden.device)
+        chunk_rows = choose_chunk_rows(num_tokens, hidden.shape[1], vocab, hidden.element_size(),
+                                       bytes_per_logit, hidden.device)
     rows_fn = cross_entropy_rows_triton if use_triton else cross_entropy_rows_reference
     per_token = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None

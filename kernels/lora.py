@@ -32,6 +32,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     triton = None
 
 IMPLS = ("auto", "triton", "reference")
+# Philox keys are taken modulo 2**31 so that every seed reaches the kernels as a 32-bit int.
+SEED_MODULUS = 2**31
 # The down projection of lora_mlp reads h = silu(gate) * up, not x: its mask comes from a
 # second seed derived from the first (a fixed bijection, so distinct seeds stay distinct).
 DOWN_SEED_XOR = 0x5BD1E995
@@ -97,8 +99,6 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-# Philox keys are taken modulo 2**31 so that every seed reaches the kernels as a 32-bit int.
-SEED_MODULUS = 2**31
 # tl.dot on 16-bit inputs needs an inner/outer dimension of at least 16 on NVIDIA GPUs
 # (DESIGN.md, known traps): ranks below that are padded to 16 inside the kernels, masked.
 MIN_DOT_DIM = 16
@@ -107,10 +107,14 @@ MIN_DOT_DIM = 16
 INTERPRETED_BLOCKS = {"BLOCK_M": 32, "BLOCK_K": 64}
 # dA = gB^T x~ reduces over M: rows are split into chunks whose partial sums land in an fp32
 # buffer [splits, R, K] summed afterwards (deterministic, unlike atomics). 512 rows per chunk
-# and at most 64 chunks keep the buffer small (<= 15 MB at r=16, K=3584) and the grid > 1000.
+# give 32 chunks at M=16384: ~900 programs at K=3584, a 39 MB buffer at r=16, K=18944
+# (PEFT's stored dropout copy of that input is 620 MB).
 DA_ROWS_PER_SPLIT = 512
 DA_MAX_SPLITS = 64
 SWIGLU_BLOCK = 1024
+# The fused GEMM (LoRAFusion-style: the rank-r product starts the accumulator of the base GEMM).
+INTERPRETED_GEMM_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+GEMM_GROUP_M = 8  # programs sweep 8 row-blocks per column-block so W tiles stay in L2
 
 if triton is not None:
     def _tile_configs(blocks):
@@ -232,6 +236,57 @@ if triton is not None:
                                      restore_value=["dx_ptr"])(_lora_dx_kernel)
     _lora_grad_a_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"])(_lora_grad_a_kernel)
 
+    # Hopper-sized GEMM tiles (as in Triton's matmul tutorial for sm90), plus smaller ones for N=512.
+    _GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+                     for m, n, k, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+                                            (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+
+    @triton.jit
+    def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, out_ptr, M, N, Kred, R,
+                          s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_rr, s_rn, s_cm, s_cn, s_om, s_on, seed, p, lora_scale,
+                          HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = a @ b + lora_scale * [m *] (l @ r) [+ bias] [+ c]; the rank-r term seeds the accumulator.
+
+        Forward: a = x, b = W^T, l = x~ A^T, r = B^T. Backward: a = dy, b = W, l = dy B, r = A, masked.
+        """
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ranks = tl.arange(0, BLOCK_R)
+        left = tl.load(l_ptr + rows.to(tl.int64)[:, None] * s_lm + ranks[None, :] * s_lr,
+                       mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        right = tl.load(r_ptr + ranks[:, None] * s_rr + cols[None, :] * s_rn,
+                        mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)
+        acc = _dot(left, right, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE) * lora_scale
+        if MASKED:
+            acc = tl.where(_keep(seed, rows, pid_n * BLOCK_N, p, BLOCK_M, BLOCK_N), acc, 0.0)
+        for k0 in range(0, Kred, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * s_am + ks[None, :] * s_ak,
+                        mask=(rows[:, None] < M) & (ks[None, :] < Kred), other=0.0)
+            b = tl.load(b_ptr + ks.to(tl.int64)[:, None] * s_bk + cols[None, :] * s_bn,
+                        mask=(ks[:, None] < Kred) & (cols[None, :] < N), other=0.0)
+            acc = _dot(a, b, acc, IEEE)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_C:
+            acc += tl.load(c_ptr + rows.to(tl.int64)[:, None] * s_cm + cols[None, :] * s_cn, mask=inside,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_om + cols[None, :] * s_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+    _lora_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "Kred", "BLOCK_R", "HAS_C", "MASKED"])(
+        _lora_gemm_kernel)
+
 
 def _require_triton():
     if triton is None:
@@ -297,6 +352,29 @@ def lora_grad_A(gB, x2d, scale, dropout_p, seed, splits=None):
             *gB.stride(), *x2d.stride(), seed, dropout_p, scale * keep_scale, IEEE=x2d.dtype == torch.float32,
             BLOCK_R=_rank_block(R), **flags)
     return partial[0] if splits == 1 else partial.sum(0)
+
+
+def lora_gemm(a, b, left, right, lora_scale, bias=None, accumulate=None, dropout_p=0.0, seed=0):
+    """a @ b + lora_scale * m / (1 - p) * (left @ right) [+ bias] [+ accumulate] in one Triton GEMM.
+
+    `b` and `right` may be transposed views (strides are passed): W^T and B^T cost no copy.
+    """
+    _require_triton()
+    M, Kred = a.shape
+    N, R = b.shape[1], left.shape[1]
+    out = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    flags, keep_scale = _dropout_args(dropout_p, seed)
+    c = accumulate if accumulate is not None else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    args = (a, b, left, right, bias if bias is not None else out, c, out, M, N, Kred, R, *a.stride(), *b.stride(),
+            *left.stride(), *right.stride(), *c.stride(), *out.stride(), seed, dropout_p, lora_scale * keep_scale)
+    constexprs = dict(HAS_BIAS=bias is not None, HAS_C=accumulate is not None, MASKED=flags["HAS_DROPOUT"],
+                      IEEE=a.dtype == torch.float32, BLOCK_R=_rank_block(R), GROUP_M=GEMM_GROUP_M)
+    if a.device.type == "cuda":
+        _lora_gemm_tuned[grid](*args, **constexprs)
+    else:
+        _lora_gemm_kernel[grid(INTERPRETED_GEMM_BLOCKS)](*args, **constexprs, **INTERPRETED_GEMM_BLOCKS)
+    return out
 
 
 def materialize_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:

@@ -158,7 +158,8 @@ def _word_chords() -> list[tuple[int, int, int]]:
 
 
 WORD_CHORDS = _word_chords()
-WORD_PARTIAL_ORDERS = [list(itertools.permutations(PARTIAL_LEVELS))[index % 6] for index in range(len(LEXICON))]
+_LEVEL_ORDERS = list(itertools.permutations(PARTIAL_LEVELS))
+WORD_PARTIAL_ORDERS = [_LEVEL_ORDERS[index % len(_LEVEL_ORDERS)] for index in range(len(LEXICON))]
 
 
 def summarize(words: list[str]) -> str:
@@ -331,6 +332,9 @@ def _is_demo_only(folder: Path) -> bool:
     return True
 
 
+_FOREIGN_FOLDER = "{out_dir} holds files that are not a demo set; choose an empty or new folder for the demo data"
+
+
 def _move_into_place(staging: Path, out_dir: Path, settings: dict) -> None:
     """Rename the finished set onto out_dir; if another process won the race, keep theirs."""
     try:
@@ -343,9 +347,7 @@ def _move_into_place(staging: Path, out_dir: Path, settings: dict) -> None:
         return
     if not _is_demo_only(out_dir):
         shutil.rmtree(staging)
-        raise FileExistsError(
-            f"{out_dir} holds files that are not a demo set; choose an empty or new folder for the demo data"
-        )
+        raise FileExistsError(_FOREIGN_FOLDER.format(out_dir=out_dir))
     retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rename(out_dir, retired / "set")
     os.rename(staging, out_dir)
@@ -366,6 +368,8 @@ def write_demo_shards(out_dir: str | os.PathLike, seed: int = 0, train_shards: i
     existing = _complete_index(out_dir, settings)
     if existing is not None:
         return existing
+    if out_dir.is_dir() and not _is_demo_only(out_dir):
+        raise FileExistsError(_FOREIGN_FOLDER.format(out_dir=out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -18,6 +18,11 @@ were already used; a resume replays that stretch (re-decoding at most one group 
 waiting examples) and rebuilds the waiting queue in order. ``set_tasks`` uses the same path
 (state -> new tasks -> load), so a stage change is exactly reproducible too. A resume must
 use the same world size and num_workers (the shard split depends on them).
+
+Another sampler plugs in through ``sampler_factory(data_counts, source_weights, *, seed,
+slot, active_tasks, task_weights) -> Sampler`` (see loaders.stream for the protocol; the
+default is ProportionalSampler). A sampler with a candidate pool sets ``max_rewind`` (examples
+per stream it may step back with ``source.rewind``) and keeps its pool in its state_dict.
 """
 from __future__ import annotations
 
@@ -79,12 +84,14 @@ class ExampleProducer:
     """One slot's ExampleSource and Sampler; yields examples tagged for exact resume."""
 
     def __init__(self, cfg, tokenizer, sources, data_counts, *, slot, num_slots, seed, worker,
-                 active_tasks, task_weights):
+                 active_tasks, task_weights, sampler_factory=None):
         self.cfg, self.worker = cfg, worker
-        self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed)
         weights = [source_weight(cfg, s) for s in range(len(sources))]
-        self.sampler = ProportionalSampler(data_counts, weights, seed=seed, slot=slot, active_tasks=active_tasks,
-                                           task_weights=task_weights)
+        factory = sampler_factory or ProportionalSampler
+        self.sampler = factory(data_counts, weights, seed=seed, slot=slot, active_tasks=active_tasks,
+                               task_weights=task_weights)
+        self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed,
+                                    max_rewind=getattr(self.sampler, "max_rewind", 0))
         self.ordinal = 0
 
     def state_dict(self) -> dict:
@@ -141,7 +148,7 @@ class TrainStream:
     """Endless token-budget micro-batches for one rank (see the module docstring)."""
 
     def __init__(self, cfg, tokenizer, *, rank: int, world_size: int, grad_accum: int, seed: int,
-                 active_tasks=None, task_weights=None):
+                 active_tasks=None, task_weights=None, sampler_factory=None):
         if not 0 <= rank < world_size or grad_accum < 1:
             raise ValueError(f"need 0 <= rank < world_size and grad_accum >= 1 (got {rank}, {world_size}, {grad_accum})")
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -159,6 +166,7 @@ class TrainStream:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
         self.task_weights = dict(task_weights or {})
+        self.sampler_factory = sampler_factory
         self._loader_iter = None
         self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
                      "counts_by_worker": [None] * self.num_producers, "used": 0, "used_tasks": {}, "steps": 0})
@@ -168,7 +176,8 @@ class TrainStream:
         return ExampleProducer(self.cfg, self.tokenizer, self.sources, self.data_counts,
                                slot=self.rank * self.num_producers + worker,
                                num_slots=self.world_size * self.num_producers, seed=self.seed, worker=worker,
-                               active_tasks=self.active_tasks, task_weights=self.task_weights)
+                               active_tasks=self.active_tasks, task_weights=self.task_weights,
+                               sampler_factory=self.sampler_factory)
 
     def _start(self, state: dict) -> None:
         self.close()
@@ -284,10 +293,11 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        expected = (self.world_size, self.num_workers, self.seed)
-        saved = (state["world_size"], state["num_workers"], state["seed"])
+        expected = (self.rank, self.world_size, self.num_workers, self.seed)
+        saved = (state["rank"], state["world_size"], state["num_workers"], state["seed"])
         if saved != expected:
-            raise ValueError(f"loader state was saved with world_size, num_workers, seed = {saved} but this run has "
+            raise ValueError(f"loader state was saved with rank, world_size, num_workers, seed = {saved} but this "
+                             f"stream has "
                              f"{expected}; resume with the same values (the shard split depends on them)")
         self.active_tasks, self.task_weights = list(state["active_tasks"]), dict(state["task_weights"])
         self._start(state)

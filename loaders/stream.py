@@ -24,10 +24,15 @@ diverse subset of a candidate pool)::
         def state_dict(self) -> dict          # JSON-serializable
         def load_state_dict(self, state: dict) -> None
 
-``source.pull(task, label)`` returns the next prepared Example of that stream (skipping and
-counting bad samples), ``source.data_counts`` holds the number of examples per source, task
-and label (from shards.json or a JSON-only scan). A sampler that draws more candidates than
-it returns must keep the rest itself (in its state) or account for them as skipped.
+``source.pull(task, label=None, source=None)`` returns the next prepared Example of that
+stream (bad samples skipped and counted on the way); ``label`` selects a per-(task, label)
+stream of did/ser. ``source.data_counts`` holds the examples per source, task and label
+(``{source: {"tasks": {task: n}, "labels": {task: {label: n}}}}``, from shards.json or a
+JSON-only scan). A sampler that keeps candidates between calls (a pool) stores them in its
+state as (stream, key) records and, on load, re-reads them: it sets ``max_rewind`` (how many
+examples per stream it may step back) and calls ``source.rewind(task, label, n)``; the next
+``n`` pulls of that stream return the same examples again, uncounted. Pooled examples count
+as pending in the pipeline's counts only once returned; a sampler reports its own pool size.
 ``ProportionalSampler`` is natural mixing: tasks drawn in proportion to their data.
 
 Shuffling is by blocks: a stream fills ``shuffle_buffer`` examples, permutes them with an
@@ -150,10 +155,16 @@ class RawSample:
 
 def _open_stream(url: str):
     if _is_local(url) or url.startswith("file://"):
-        return open(local_path(url), "rb")
-    import webdataset
+        stream = open(local_path(url), "rb")
+    else:
+        import webdataset
 
-    return webdataset.gopen(url, "rb")
+        stream = webdataset.gopen(url, "rb")
+    if url.endswith((".tar.gz", ".tgz")):
+        import gzip
+
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream
 
 
 def _read_exact(stream, n: int) -> bytes:
@@ -242,7 +253,7 @@ def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
     """
     index, key, files = 0, None, {}
     with _open_stream(url) as stream:
-        try:
+        try:  # OSError/EOFError: a damaged gzip layer
             for name, data in iter_tar_members(stream, url):
                 member_key, ext = _split_name(name)
                 if key is not None and member_key != key:
@@ -251,7 +262,7 @@ def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
                     index, files = index + 1, {}
                 key = member_key
                 files[ext] = data
-        except ShardError as exc:
+        except (ShardError, OSError, EOFError) as exc:
             if key is not None:  # the members read before the damage are whole
                 if index >= skip:
                     yield _make_sample(url, key, index, files)
@@ -269,6 +280,7 @@ def count_examples(urls: list[str]) -> dict:
     """{"tasks": {task: n}, "labels": {task: {label: n}}} from shards.json, else a JSON-only scan."""
     tasks, labels = {t: 0 for t in TASKS}, {t: {} for t in LABELLED_TASKS}
     indexes: dict[str, dict] = {}
+    scanned = 0
     for url in urls:
         folder = os.path.dirname(local_path(url)) if _is_local(url) or url.startswith("file://") else None
         if folder is not None and folder not in indexes:
@@ -276,6 +288,10 @@ def count_examples(urls: list[str]) -> dict:
             indexes[folder] = json.load(open(path)).get("shards", {}) if os.path.isfile(path) else {}
         entry = indexes.get(folder, {}).get(os.path.basename(local_path(url))) if folder is not None else None
         if entry is None:
+            if scanned == 0:
+                log.warning("no %s entry for shard %s (and maybe others): counting examples from the shards' JSON "
+                            "(write %s with python -m loaders.make_shards to skip this scan)", INDEX_FILE, url, INDEX_FILE)
+            scanned += 1
             entry = _scan_shard(url)
         for task, n in entry.get("tasks", {}).items():
             tasks[task] = tasks.get(task, 0) + n

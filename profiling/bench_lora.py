@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ CPU_TOKENS = [1024]
 # Forward+backward steps before timing (autotuning, torch.compile, allocator warm-up) and timed
 # steps; the CPU run uses fewer, its steps take tenths of seconds.
 GPU_WARMUP, GPU_REPS = 3, 10
-CPU_WARMUP, CPU_REPS = 1, 3
+CPU_WARMUP, CPU_REPS = 1, 5
 
 
 def git_revision() -> str:
@@ -129,7 +130,7 @@ def sync(device):
 
 
 def measure(fn, x, device):
-    """Mean ms of forward+backward, and peak memory above the inputs (MiB, CUDA only)."""
+    """Median ms of forward+backward over timed steps, and peak memory above the inputs (MiB, CUDA)."""
     def step():
         out = fn(x)
         outs = out if isinstance(out, tuple) else (out,)
@@ -147,11 +148,13 @@ def measure(fn, x, device):
         step()
         sync(device)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    start = time.perf_counter()
-    for _ in range(reps):
+    times = []
+    for _ in range(reps):  # the median resists the noise of a shared machine
+        start = time.perf_counter()
         step()
-    sync(device)
-    return (time.perf_counter() - start) / reps * 1e3, peak
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), peak
 
 
 def run_case(rows, layer, k, tokens, dropout_p, cands, device, dtype, gen):

@@ -18,8 +18,8 @@ from kernels.linear_cross_entropy import (
 )
 
 IGNORE = -100
-# Odd shapes from the issue: no dimension is a multiple of any block (chunk rows are 16 on CPU, so
-# T=47 runs as chunks of 16, 16 and 15; the row kernel's vocab loop is tested with 256-wide blocks).
+# Odd shapes from the issue: no dimension is a multiple of any block. The chunk loop is tested with
+# 16-row chunks (T=47 -> 16, 16, 15), the row kernel's vocab loop with 256-wide blocks.
 T, H, V = 47, 31, 1237
 NUM_TASKS = 4
 # Tolerances relative to the largest reference value. fp32: accumulation-order noise only. fp16:
@@ -161,6 +161,18 @@ def test_frozen_weight_gets_no_grad_and_trainable_weight_does(impl):
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_several_chunks_accumulate_dw_and_fill_dh(use_triton, dtype):
+    h, w, labels, _ = make_inputs(dtype, seed=9)
+    per_token, dh, dw = linear_cross_entropy_chunked(h, w, labels, IGNORE, 1e-3, 0.1, need_dh=True, need_dw=True,
+                                                     use_triton=use_triton, chunk_rows=16)
+    ref_loss, ref_tokens, ref_dh, ref_dw = ground_truth(h, w, labels, 1e-3, 0.1)
+    assert_close_rel(per_token, ref_tokens, dtype, "per-token loss")
+    assert_close_rel(dh, ref_dh, dtype, "dh")
+    assert_close_rel(dw, ref_dw, dtype, "dW")
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "reference"])
 def test_frozen_weight_skips_the_dw_gemm(use_triton):
     h, w, labels, _ = make_inputs(torch.float32)
     _, dh, dw = linear_cross_entropy_chunked(h, w, labels, IGNORE, 0.0, 0.0, need_dh=True, need_dw=False,
@@ -224,10 +236,11 @@ def test_tiny_model_training_losses_agree_across_impls():
 
 
 def test_chunks_bound_memory_at_the_qwen_vocabulary():
-    vocab = 152064
-    rows = choose_chunk_rows(2048, vocab, 4, torch.device("cpu"))
-    assert 1 <= rows < 2048 and rows * vocab * 4 <= CPU_MAX_CHUNK_BYTES
-    assert choose_chunk_rows(T, V, 4, torch.device("cpu")) < T  # the tests above run several chunks
+    vocab, cpu = 152064, torch.device("cpu")
+    rows = choose_chunk_rows(2048, 256, vocab, 4, 4, cpu)
+    assert 1 <= rows < 2048 and rows * vocab * 4 <= CPU_MAX_CHUNK_BYTES + 16 * vocab * 4
+    # Short batches are not cut into 1/8 slivers whose GEMMs would only re-read W.
+    assert choose_chunk_rows(128, 256, vocab, 4, 4, cpu) > 128 // 8
 
 
 def test_resolve_loss_impl(monkeypatch):

@@ -210,6 +210,15 @@ def test_strided_input_and_fp32_adapters_with_fp16_input(poisoned):
         assert_close(name, a, e, dtype)
 
 
+def test_input_without_grad_still_trains_the_adapters(poisoned):
+    weight, lora_A, lora_B, b = make_linear("cpu", torch.float32, 8)
+    x = rand_input("cpu", torch.float32, M, K).detach()
+    got = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, 0.1, 4, impl="triton"), (lora_A, lora_B))
+    want = run(lambda: lora_linear_reference(x, weight, lora_A, lora_B, SCALE, b, 0.1, 4), (lora_A, lora_B))
+    for name, a, e in zip(["y", "dA", "dB"], got[0] + got[1], want[0] + want[1]):
+        assert_close(name, a, e, torch.float32)
+
+
 def test_grad_A_split_reduction_equals_single_pass(poisoned):
     """On CUDA dA reduces over row chunks in parallel; the chunking must not change the sum."""
     g = torch.Generator().manual_seed(3)

@@ -201,3 +201,22 @@ def test_45_second_recording_is_kept_whole_and_82_seconds_is_skipped(tmp_path, t
     assert int((example.input_ids == tokenizer.convert_tokens_to_ids("<|AUDIO|>")).sum()) == 1125
     assert source.pull("asr").epoch == 1  # the 82 s clip was skipped on the way
     assert source.counts()["skipped"] == {"audio_too_long": 1}
+
+
+def test_source_weights_steer_the_mix(tmp_path, tokenizer):
+    rng = np.random.default_rng(1)
+
+    def shards(prefix):
+        return [write_shard(tmp_path / f"{prefix}-{s}.tar",
+                            [(f"{prefix}{s}-{i}", {"text": "كتب"}, flac_bytes(0.1 * rng.standard_normal(3200).astype(np.float32)))
+                             for i in range(4)]) for s in range(2)]
+
+    a, b = shards("a"), shards("b")
+    for weights, expected in (([1.0, 0.0], {"a"}), ([1.0, 1.0], {"a", "b"})):
+        cfg = DataConfig(train=[a, b], weights=weights, shuffle_buffer=2, max_tokens_per_batch=512)
+        stream = TrainStream(cfg, tokenizer, rank=0, world_size=1, grad_accum=2, seed=0)
+        keys = [k for _ in range(3) for mb in stream.next_step() for k in mb["keys"]]
+        assert {k[0] for k in keys} == expected
+        stream.close()
+    with pytest.raises(ValueError, match="one weight per source"):
+        TrainStream(DataConfig(train=[a, b], weights=[1.0]), tokenizer, rank=0, world_size=1, grad_accum=1, seed=0)
