@@ -31,7 +31,10 @@ try:  # triton is a Linux-only dependency; the reference path runs without it
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     triton = None
 
-IMPLS = ("auto", "triton", "reference")
+# triton: step-1 kernels around cuBLAS GEMMs; triton_gemm: the base GEMMs in Triton with the
+# rank-r term in their accumulator. "auto" picks triton on CUDA until a GPU benchmark
+# (profiling/bench_lora.py) shows triton_gemm faster on the device.
+IMPLS = ("auto", "triton", "triton_gemm", "reference")
 # Philox keys are taken modulo 2**31 so that every seed reaches the kernels as a 32-bit int.
 SEED_MODULUS = 2**31
 # The down projection of lora_mlp reads h = silu(gate) * up, not x: its mask comes from a
@@ -46,9 +49,9 @@ def resolve_lora_impl(impl: str, device) -> str:
     on_cuda = torch.device(device).type == "cuda"
     if impl == "auto":
         return "triton" if on_cuda else "reference"
-    if impl == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl.startswith("triton") and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"lora.impl=triton needs a CUDA device (tensors are on {device}); "
+            f"lora.impl={impl} needs a CUDA device (tensors are on {device}); "
             "use lora.impl=reference or auto on CPU, or set TRITON_INTERPRET=1 to run the kernels interpreted."
         )
     return impl
@@ -438,13 +441,16 @@ def lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=
 
 
 # ----------------------------------------------------------------------------- fused path
-def _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, seed):
+def _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, seed, fused_gemm):
     """Projections of one input: the down projection for all of them in one pass over x."""
     rank = lora_A_cat.shape[0] // len(weights)
     xa_cat = lora_down(x2d, lora_A_cat, dropout_p, seed)
     outs = []
     for g, (weight, lora_B, bias) in enumerate(zip(weights, lora_Bs, biases)):
         xa = xa_cat[:, g * rank:(g + 1) * rank]
+        if fused_gemm:
+            outs.append(lora_gemm(x2d, weight.t(), xa, lora_B.t(), scale, bias))
+            continue
         if bias is None:
             y = torch.addmm(xa.new_zeros(()).expand(weight.shape[0]), xa, lora_B.t(), beta=0, alpha=scale)
         else:
@@ -453,7 +459,18 @@ def _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, 
     return outs, xa_cat
 
 
-def _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, scale, dropout_p, seed, need_x, need_A, need_B):
+def _grad_input(grads, weights, gB_cat, lora_A_cat, scale, dropout_p, seed, fused_gemm):
+    """dx = sum_g dy_g W_g + m / (1 - p) * s * (dy B)_cat A_cat, without an [M, K] temporary."""
+    dx = torch.mm(grads[0], weights[0]) if not fused_gemm or len(grads) > 1 else None
+    for dy, weight in zip(grads[1:-1] if fused_gemm else grads[1:], weights[1:-1] if fused_gemm else weights[1:]):
+        dx.addmm_(dy, weight)
+    if fused_gemm:
+        return lora_gemm(grads[-1], weights[-1], gB_cat, lora_A_cat, scale, None, dx, dropout_p, seed)
+    return lora_add_dx(dx, gB_cat, lora_A_cat, scale, dropout_p, seed)
+
+
+def _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, hyper, need_x, need_A, need_B):
+    scale, dropout_p, seed, fused_gemm = hyper
     rank = lora_A_cat.shape[0] // len(weights)
     grads = [dy.reshape(-1, dy.shape[-1]) for dy in grads]
     dBs = [None] * len(weights)
@@ -462,35 +479,35 @@ def _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, scale, dro
     gB_cat = torch.cat([torch.mm(dy, lora_B) for dy, lora_B in zip(grads, lora_Bs)], dim=1)
     dx = dA_cat = None
     if need_x:
-        dx = torch.mm(grads[0], weights[0])
-        for dy, weight in zip(grads[1:], weights[1:]):
-            dx.addmm_(dy, weight)
-        lora_add_dx(dx, gB_cat, lora_A_cat, scale, dropout_p, seed)
+        dx = _grad_input(grads, weights, gB_cat, lora_A_cat, scale, dropout_p, seed, fused_gemm)
     if need_A:
         dA_cat = lora_grad_A(gB_cat, x2d, scale, dropout_p, seed).to(lora_A_cat.dtype)
     return dx, dA_cat, dBs
 
 
 class LoRAGroupFunction(torch.autograd.Function):
-    """G LoRA projections of one input x2d; A's concatenated along the rank [G*r, K]."""
+    """G LoRA projections of one input x2d; A's concatenated along the rank [G*r, K].
+
+    hyper = (scale, dropout_p, seed, fused_gemm); params = G weights, G lora_B's, G biases (or None).
+    """
 
     @staticmethod
-    def forward(ctx, x2d, lora_A_cat, scale, dropout_p, seed, num_groups, *params):
-        weights, lora_Bs, biases = params[:num_groups], params[num_groups:2 * num_groups], params[2 * num_groups:]
-        outs, xa_cat = _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, scale, dropout_p, seed)
+    def forward(ctx, x2d, lora_A_cat, hyper, *params):
+        G = len(params) // 3
+        weights, lora_Bs, biases = params[:G], params[G:2 * G], params[2 * G:]
+        outs, xa_cat = _group_forward(x2d, lora_A_cat, weights, lora_Bs, biases, *hyper)
         ctx.save_for_backward(x2d, xa_cat, lora_A_cat, *weights, *lora_Bs)
-        ctx.hyper = (scale, dropout_p, seed, num_groups)
+        ctx.hyper = hyper
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        scale, dropout_p, seed, num_groups = ctx.hyper
+        G = len(grads)
         x2d, xa_cat, lora_A_cat, *rest = ctx.saved_tensors
-        weights, lora_Bs = rest[:num_groups], rest[num_groups:]
-        need_B = any(ctx.needs_input_grad[6 + num_groups:6 + 2 * num_groups])
-        dx, dA_cat, dBs = _group_backward(grads, x2d, xa_cat, lora_A_cat, weights, lora_Bs, scale, dropout_p, seed,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_B)
-        return (dx, dA_cat, None, None, None, None, *([None] * num_groups), *dBs, *([None] * num_groups))
+        need = ctx.needs_input_grad
+        dx, dA_cat, dBs = _group_backward(grads, x2d, xa_cat, lora_A_cat, rest[:G], rest[G:], ctx.hyper,
+                                          need[0], need[1], any(need[3 + G:3 + 2 * G]))
+        return (dx, dA_cat, None, *([None] * G), *dBs, *([None] * G))
 
 
 def _as_input_dtype(x, tensors):
@@ -517,8 +534,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
     if impl == "reference":
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
     weight, lora_A, lora_B, bias = _as_input_dtype(x, [weight, lora_A, lora_B, bias])
-    (y,) = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), lora_A, float(scale), float(dropout_p), seed, 1,
-                                   weight, lora_B, bias)
+    hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
+    (y,) = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), lora_A, hyper, weight, lora_B, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -533,8 +550,8 @@ def lora_qkv(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dro
     if impl == "reference":
         return lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases, dropout_p, seed)
     weights, lora_As, lora_Bs, biases = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs, biases))
-    outs = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As), float(scale), float(dropout_p),
-                                   seed, 3, *weights, *lora_Bs, *biases)
+    hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
+    outs = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As), hyper, *weights, *lora_Bs, *biases)
     return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
@@ -542,33 +559,35 @@ class LoRAMLPFunction(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) with LoRA on all three; h = silu(gate) * up is not stored."""
 
     @staticmethod
-    def forward(ctx, x2d, lora_A_gu, lora_A_down, scale, dropout_p, seed, w_gate, w_up, w_down, B_gate, B_up, B_down):
-        (gate, up), xa_gu = _group_forward(x2d, lora_A_gu, (w_gate, w_up), (B_gate, B_up), (None, None),
-                                           scale, dropout_p, seed)
+    def forward(ctx, x2d, lora_A_gu, lora_A_down, hyper, w_gate, w_up, w_down, B_gate, B_up, B_down):
+        scale, dropout_p, seed, fused_gemm = hyper
+        (gate, up), xa_gu = _group_forward(x2d, lora_A_gu, (w_gate, w_up), (B_gate, B_up), (None, None), *hyper)
         h = swiglu_forward(gate, up)
         (out,), xa_down = _group_forward(h, lora_A_down, (w_down,), (B_down,), (None,), scale, dropout_p,
-                                         _down_seed(seed))
+                                         _down_seed(seed), fused_gemm)
         del h
         ctx.save_for_backward(x2d, xa_gu, gate, up, xa_down, lora_A_gu, lora_A_down, w_gate, w_up, w_down,
                               B_gate, B_up, B_down)
-        ctx.hyper = (scale, dropout_p, seed)
+        ctx.hyper = hyper
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        scale, dropout_p, seed = ctx.hyper
+        scale, dropout_p, seed, fused_gemm = ctx.hyper
         x2d, xa_gu, gate, up, xa_down, lora_A_gu, lora_A_down, w_gate, w_up, w_down, B_gate, B_up, B_down = \
             ctx.saved_tensors
-        need_A, need_B = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], any(ctx.needs_input_grad[9:12])
+        need = ctx.needs_input_grad
+        need_A, need_B = need[1] or need[2], any(need[7:10])
         h = swiglu_forward(gate, up)  # recomputed: dA_down needs the down projection's input
-        dh, dA_down, (dB_down,) = _group_backward((d_out,), h, xa_down, lora_A_down, (w_down,), (B_down,), scale,
-                                                  dropout_p, _down_seed(seed), True, need_A, need_B)
+        down_hyper = (scale, dropout_p, _down_seed(seed), fused_gemm)
+        dh, dA_down, (dB_down,) = _group_backward((d_out,), h, xa_down, lora_A_down, (w_down,), (B_down,),
+                                                  down_hyper, True, need_A, need_B)
         del h
         d_gate, d_up = swiglu_backward(dh, gate, up)
+        del dh
         dx, dA_gu, (dB_gate, dB_up) = _group_backward((d_gate, d_up), x2d, xa_gu, lora_A_gu, (w_gate, w_up),
-                                                      (B_gate, B_up), scale, dropout_p, seed,
-                                                      ctx.needs_input_grad[0], need_A, need_B)
-        return dx, dA_gu, dA_down, None, None, None, None, None, None, dB_gate, dB_up, dB_down
+                                                      (B_gate, B_up), ctx.hyper, need[0], need_A, need_B)
+        return dx, dA_gu, dA_down, None, None, None, None, dB_gate, dB_up, dB_down
 
 
 def lora_mlp(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, impl="auto"):
@@ -581,8 +600,9 @@ def lora_mlp(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, impl
     if impl == "reference":
         return lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p, seed)
     weights, lora_As, lora_Bs = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs))
-    out = LoRAMLPFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As[:2]), lora_As[2], float(scale),
-                                float(dropout_p), seed, *weights, *lora_Bs)
+    hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
+    out = LoRAMLPFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As[:2]), lora_As[2], hyper,
+                                *weights, *lora_Bs)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -90,8 +90,11 @@ def test_resolve_lora_impl(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_lora_impl("triton", "cpu")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_lora_impl("triton_gemm", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_lora_impl("triton", "cpu") == "triton"
+    assert resolve_lora_impl("triton_gemm", "cpu") == "triton_gemm"
 
 
 def test_bad_shapes_and_dropout_are_explained():
@@ -124,14 +127,19 @@ def test_mask_keep_rate_and_seed_dependence():
 
 
 # ----------------------------------------------------------------------------- lora_linear
+# Both Triton paths: kernels around cuBLAS GEMMs, and the GEMM with the rank-r term inside.
+IMPLS = ["triton", "triton_gemm"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("rank", [1, 8, 16])
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_lora_linear_matches_reference(poisoned, device, dtype, rank, bias):
+def test_lora_linear_matches_reference(poisoned, device, dtype, rank, bias, impl):
     weight, lora_A, lora_B, b = make_linear(device, dtype, rank, bias)
     x = rand_input(device, dtype, M, K)
     inputs = (x, lora_A, lora_B)
-    got = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, impl="triton"), inputs)
+    got = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, impl=impl), inputs)
     want = run(lambda: lora_linear_reference(x, weight, lora_A, lora_B, SCALE, b), inputs)
     for name, a, e in zip(["y", "dx", "dA", "dB"], got[0] + got[1], want[0] + want[1]):
         assert_close(name, a, e, dtype)
@@ -160,15 +168,16 @@ def test_lora_linear_matches_peft_lora_layer(poisoned, device, dtype, rank):
         assert_close(name, a, e, dtype)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_dropout_same_seed_same_result_and_matches_reference(poisoned, device, dtype):
+def test_dropout_same_seed_same_result_and_matches_reference(poisoned, device, dtype, impl):
     p, seed = 0.3, 4242
     weight, lora_A, lora_B, b = make_linear(device, dtype, 8)
     x = rand_input(device, dtype, M, K)
     inputs = (x, lora_A, lora_B)
-    first = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed, impl="triton"), inputs)
-    again = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed, impl="triton"), inputs)
-    other = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed + 1, impl="triton"), inputs)
+    first = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed, impl=impl), inputs)
+    again = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed, impl=impl), inputs)
+    other = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, p, seed + 1, impl=impl), inputs)
     for a, e in zip(first[0] + first[1], again[0] + again[1]):
         assert torch.equal(a, e)
     assert not torch.equal(first[1][1], other[1][1]), "another seed must give another mask"
@@ -238,29 +247,31 @@ def qkv_params(device, dtype, rank):
     return [list(t) for t in zip(*parts)]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_lora_qkv_matches_unfused_reference(poisoned, device, dtype, dropout_p):
+def test_lora_qkv_matches_unfused_reference(poisoned, device, dtype, dropout_p, impl):
     weights, As, Bs, biases = qkv_params(device, dtype, 8)
     x = rand_input(device, dtype, M, K)
     inputs = (x, *As, *Bs)
-    got = run(lambda: lora_qkv(x, weights, As, Bs, SCALE, biases, dropout_p, 7, impl="triton"), inputs)
+    got = run(lambda: lora_qkv(x, weights, As, Bs, SCALE, biases, dropout_p, 7, impl=impl), inputs)
     want = run(lambda: lora_qkv_reference(x, weights, As, Bs, SCALE, biases, dropout_p, 7), inputs)
     names = ["q", "k", "v", "dx", "dAq", "dAk", "dAv", "dBq", "dBk", "dBv"]
     for name, a, e in zip(names, got[0] + got[1], want[0] + want[1]):
         assert_close(name, a, e, dtype)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_lora_mlp_matches_unfused_reference(poisoned, device, dtype, dropout_p):
+def test_lora_mlp_matches_unfused_reference(poisoned, device, dtype, dropout_p, impl):
     inter = 77
     parts = [make_linear(device, dtype, 4, bias=False, k=k, n=n, seed=s)
              for k, n, s in [(K, inter, 1), (K, inter, 2), (inter, K, 3)]]
     weights, As, Bs, _ = [list(t) for t in zip(*parts)]
     x = rand_input(device, dtype, 5, 9, K)
     inputs = (x, *As, *Bs)
-    got = run(lambda: lora_mlp(x, weights, As, Bs, SCALE, dropout_p, 8, impl="triton"), inputs)
+    got = run(lambda: lora_mlp(x, weights, As, Bs, SCALE, dropout_p, 8, impl=impl), inputs)
     want = run(lambda: lora_mlp_reference(x, weights, As, Bs, SCALE, dropout_p, 8), inputs)
     names = ["out", "dx", "dA_gate", "dA_up", "dA_down", "dB_gate", "dB_up", "dB_down"]
     for name, a, e in zip(names, got[0] + got[1], want[0] + want[1]):
@@ -283,13 +294,14 @@ def test_mlp_reference_is_swiglu_of_separate_linears():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_bf16_large_tiles_against_fp32_reference(poisoned, dropout_p):
+def test_bf16_large_tiles_against_fp32_reference(poisoned, dropout_p, impl):
     """Autotuned tiles, several dA row chunks, rank padded 8 -> 16; truth computed in fp32."""
     m, k, n, rank, dtype = 1537, 1000, 777, 8, torch.bfloat16
     weight, lora_A, lora_B, b = make_linear("cuda", dtype, rank, k=k, n=n)
     x = rand_input("cuda", dtype, m, k)
-    got = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, dropout_p, 3, impl="triton"),
+    got = run(lambda: lora_linear(x, weight, lora_A, lora_B, SCALE, b, dropout_p, 3, impl=impl),
               (x, lora_A, lora_B))
     x32, A32, B32 = (t.detach().float().requires_grad_() for t in (x, lora_A, lora_B))
     want = run(lambda: lora_linear_reference(x32, weight.float(), A32, B32, SCALE, b.float(), dropout_p, 3),
