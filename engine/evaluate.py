@@ -25,13 +25,22 @@ Defined behaviour at the edges (none of these raise):
   out, since their F1 is undefined, not 0.
 - no pairs at all: ``n`` is 0 and every rate is None.
 
-Command line: ``python -m engine.evaluate --predictions FILE.jsonl`` scores a JSON-lines
-file whose lines hold ``task``, ``prediction`` and ``reference`` and prints a JSON object of
-metrics per task. A bad line stops it with the line number and the problem (exit code 2).
+Command line:
+- ``python -m engine.evaluate --predictions FILE.jsonl`` scores a JSON-lines file whose lines
+  hold ``task``, ``prediction`` and ``reference`` and prints a JSON object of metrics per task.
+  A bad line stops it with the line number and the problem (exit code 2).
+- ``python -m engine.evaluate --run RUN_DIR [--split val|train] [--max-samples N]
+  [--adapter DIR] [key=value ...]`` loads the run's config.yaml (plus overrides, e.g.
+  ``data.val=...``), builds its model, loads its adapter (RUN_DIR/adapter unless --adapter),
+  generates greedily in batches on the split's shards (all samples unless --max-samples) and
+  writes predictions.jsonl (task, key, prediction, reference), eval.json (metrics per task)
+  and eval.md into RUN_DIR. Under torchrun the samples are split across ranks. Generation is
+  engine.validation's lockstep greedy decoding, the same code that validates during training.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -356,6 +365,109 @@ def metrics_markdown(metrics_by_task: dict[str, dict]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+# --- generation after training (--run)
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be evaluated; the message names the path and what to do."""
+
+
+RUN_CONFIG_FILE = "config.yaml"
+RUN_ADAPTER_DIR = "adapter"
+RUN_OUTPUTS = ("predictions.jsonl", "eval.json", "eval.md")
+
+
+def check_run_folder(run_dir: Path, adapter_dir: Path | None) -> tuple[Path, Path]:
+    """(config path, adapter folder) of a finished run, or a RunFolderError saying what is missing."""
+    from engine.lora import ADAPTER_WEIGHTS
+
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such run folder; pass the output_dir of a training run "
+                             "(it holds config.yaml, adapter/, metrics.jsonl)")
+    config_path = run_dir / RUN_CONFIG_FILE
+    if not config_path.is_file():
+        raise RunFolderError(f"{run_dir}: has no {RUN_CONFIG_FILE}, so it is not a run folder written by "
+                             "engine/train.py; pass the run's output_dir")
+    adapter_dir = adapter_dir or run_dir / RUN_ADAPTER_DIR
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise RunFolderError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS}; the adapter is exported when training ends: let the run "
+            f"finish, or evaluate a checkpoint with --adapter {run_dir}/checkpoints/step_XXXXXXXX/adapter")
+    return config_path, adapter_dir
+
+
+def _config_for_split(cfg, split: str):
+    """Point data.val at the split's shards: the validator reads data.val."""
+    if split == "train":
+        from loaders.pipeline import resolve_sources
+
+        urls = [url for source in resolve_sources(cfg.data, "train") for url in source]
+        cfg.data = dataclasses.replace(cfg.data, val=urls)
+    return cfg
+
+
+def generate_for_run(run_dir: Path, *, split: str, max_samples: int | None, adapter_dir: Path | None,
+                     overrides: Sequence[str] = ()) -> tuple[list[dict], bool]:
+    """Greedy predictions of the run's model + adapter on a split: (records, is main rank)."""
+    import torch
+
+    from engine.config import load_config
+    from engine.lora import load_adapter_into
+    from engine.model import build_model
+    from engine.parallel import apply_parallelism, close_distributed, init_distributed
+    from engine.runner import build_tokenizer, resolve_impls
+    from engine.validation import Validator
+
+    config_path, adapter_dir = check_run_folder(run_dir, adapter_dir)
+    cfg = _config_for_split(load_config(str(config_path), list(overrides)), split)
+    env = init_distributed()
+    try:
+        resolve_impls(cfg, env)
+        tokenizer = build_tokenizer(cfg)
+        model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
+        load_adapter_into(model, adapter_dir)  # into the unsharded model, before FSDP
+        apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
+        validator = Validator(cfg, env, model, tokenizer, max_generated=max_samples or sys.maxsize)
+        if not validator.enabled:
+            raise RunFolderError(f"{run_dir}: no {split} samples to evaluate ({validator.disabled_reason}); "
+                                 "give the shards with data.val=... after the run folder, or use --split train")
+        model.eval()
+        with torch.no_grad():
+            records, _ = validator.generate()
+        return records, env.is_main
+    finally:
+        close_distributed()
+
+
+def write_run_evaluation(run_dir: Path, records: list[dict], metrics_by_task: dict[str, dict],
+                         split: str) -> list[Path]:
+    paths = [run_dir / name for name in RUN_OUTPUTS]
+    with open(paths[0], "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps({field: record[field] for field in ("task", "key", "prediction", "reference")},
+                               ensure_ascii=False) + "\n")
+    paths[1].write_text(json.dumps(metrics_by_task, ensure_ascii=False, indent=2), encoding="utf-8")
+    header = (f"# Evaluation of {run_dir.name}\n\n{len(records)} {split} samples, greedy decoding; "
+              f"predictions in {paths[0].name}\n\n")
+    paths[2].write_text(header + metrics_markdown(metrics_by_task), encoding="utf-8")
+    return paths
+
+
+def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
+    """--run: generate, score, write the files (main rank); returns the metrics there, else None."""
+    if args.max_samples is not None and args.max_samples < 1:
+        raise RunFolderError(f"--max-samples {args.max_samples}: give a positive number, or leave it out for all")
+    records, is_main = generate_for_run(args.run, split=args.split, max_samples=args.max_samples,
+                                        adapter_dir=args.adapter, overrides=args.overrides)
+    if not is_main:
+        return None
+    labels = closed_label_sets(args.dialects, args.emotions)
+    metrics_by_task = score_records([PredictionRecord(r["task"], r["prediction"], r["reference"])
+                                     for r in records], labels, taa_marbuta=args.taa_marbuta)
+    for path in write_run_evaluation(args.run, records, metrics_by_task, args.split):
+        print(f"wrote {path}", file=sys.stderr)
+    return metrics_by_task
+
+
 # --- command line
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -366,6 +478,16 @@ def build_argument_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
                         help="JSON lines with task, prediction, reference")
+    source.add_argument("--run", type=Path, metavar="RUN_DIR",
+                        help="generate with a trained run's model and adapter, then score")
+    parser.add_argument("--split", choices=("val", "train"), default="val",
+                        help="--run: the shards to generate on (default: val, i.e. data.val)")
+    parser.add_argument("--max-samples", type=int, metavar="N",
+                        help="--run: generate for at most N samples, tasks taking turns (default: all)")
+    parser.add_argument("--adapter", type=Path, metavar="DIR",
+                        help="--run: adapter folder (default: RUN_DIR/adapter)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="--run: settings over the run's config.yaml, e.g. data.val=/data/val-{0..3}.tar")
     parser.add_argument("--dialects", nargs="+", metavar="LABEL",
                         help=f"closed label set of did (default: {' '.join(DEFAULT_DIALECTS)})")
     parser.add_argument("--emotions", nargs="+", metavar="LABEL",
@@ -391,12 +513,18 @@ def evaluate_prediction_file(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_argument_parser().parse_args(argv)
+    parser = build_argument_parser()
+    args = parser.parse_args(argv)
+    if args.predictions is not None and args.overrides:
+        parser.error(f"key=value settings ({' '.join(args.overrides)}) apply to --run only")
     try:
-        metrics_by_task = evaluate_prediction_file(args)
-    except (PredictionFileError, ValueError) as error:
+        metrics_by_task = evaluate_prediction_file(args) if args.predictions else evaluate_run(args)
+    # ValueError covers PredictionFileError, RunFolderError and engine.config.ConfigError.
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if metrics_by_task is None:  # a rank other than the main one under torchrun
+        return 0
     _warn_unknown_references(metrics_by_task)
     print(json.dumps(metrics_by_task, ensure_ascii=False, indent=2))
     return 0

@@ -42,8 +42,8 @@ IMPLS = ("auto", "triton", "reference", "naive")
 # A chunk of C tokens holds C x V logits; each of its GEMMs (logits, dh, dW) re-reads all of W.
 # Three forces set C:
 #   memory:  C * V * bytes_per_logit <= budget (CUDA: also <= free memory / 4)
-#   share:   C >= ceil(T / MIN_CHUNKS) is never needed for memory, so chunks are not cut finer
-#            than T / MIN_CHUNKS: the transient logits stay <= 1/8 of naive's logits alone
+#   share:   chunks of ceil(T / MIN_CHUNKS) tokens already hold only 1/8 of naive's logits;
+#            cutting finer saves little memory and costs GEMM efficiency, so C is at least that
 #   GEMM rate (this is where H enters): a GEMM [C, H] x [H, V] does 2*C*H*V FLOPs over about
 #            e*(V*H + C*V) bytes (e = element size), i.e. 2*C*H / (e*(C + H)) FLOP/byte. It runs at
 #            the device's matmul rate once that reaches the device's ridge point R (peak FLOP/s
@@ -230,12 +230,21 @@ def linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, z_loss, l
     accumulated in the weight's dtype (as Liger-Kernel does by default), one GEMM per chunk.
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
-    compute_grad = need_dh or need_dw
     if chunk_rows is None:
         bytes_per_logit = hidden.element_size() if use_triton else 4 + (hidden.element_size() % 4)
         chunk_rows = choose_chunk_rows(num_tokens, hidden.shape[1], vocab, hidden.element_size(),
                                        bytes_per_logit, hidden.device)
     rows_fn = cross_entropy_rows_triton if use_triton else cross_entropy_rows_reference
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are ours to choose here
+        return _chunk_loop(hidden, weight, labels, ignore_index, z_loss, label_smoothing, need_dh, need_dw,
+                           use_triton, chunk_rows, rows_fn)
+
+
+def _chunk_loop(hidden, weight, labels, ignore_index, z_loss, label_smoothing, need_dh, need_dw, use_triton,
+                chunk_rows, rows_fn):
+    """logits GEMM -> row math (in place) -> dh / dW GEMMs, one chunk of tokens at a time."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    compute_grad = need_dh or need_dw
     per_token = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
@@ -300,7 +309,19 @@ def linear_cross_entropy_naive(hidden, weight, labels, ignore_index, z_loss, lab
 
 
 # --- public entry point ------------------------------------------------------------------------
+def _is_sharded(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
 def _check_inputs(hidden, weight, labels, ignore_index, task_ids, num_tasks):
+    if _is_sharded(weight) or _is_sharded(hidden):
+        raise ValueError("linear_cross_entropy: weight (or hidden) is a sharded DTensor; call the loss inside "
+                         "the forward of the FSDP2 module that owns the lm_head/embedding, where FSDP2 has "
+                         "gathered it into an ordinary tensor")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden must be [T, H] and weight [V, H]; got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)} (flatten batch and time first)")

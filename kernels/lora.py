@@ -10,6 +10,10 @@ What an unfused LoRA (PEFT) spends beyond the base GEMMs, and what the Triton pa
   and the base GEMM accumulates into it (cuBLAS beta=1); in backward dy W is computed by
   cuBLAS and one Triton kernel adds the masked rank-r term into dx in place;
 - x A^T ([M, r]) is the only activation kept besides x.
+impl="triton_gemm" goes one step further (LoRAFusion, arXiv 2510.00206): the base GEMMs run in
+Triton with the rank-r term as the accumulator's starting value (forward) or masked into it
+(backward dx), so y and dx are written once and never re-read. Which of the two is faster on a
+device is for profiling/bench_lora.py to show; "auto" takes "triton" until then.
 Grouped variants read x once for several projections: `lora_qkv` (q, k, v) and `lora_mlp`
 (gate and up, SwiGLU, then down; backward recomputes SwiGLU instead of storing it). Projections
 that read the same x share one dropout mask, exactly as separate `lora_linear` calls with one seed.
@@ -510,6 +514,13 @@ class LoRAGroupFunction(torch.autograd.Function):
         return (dx, dA_cat, None, *([None] * G), *dBs, *([None] * G))
 
 
+def _autocast_input(x):
+    """Under torch.autocast the fused path computes in the autocast dtype, as F.linear would."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return x.to(torch.get_autocast_dtype("cuda"))
+    return x
+
+
 def _as_input_dtype(x, tensors):
     """Adapters may be kept in fp32 for the optimizer: compute in x's dtype (autograd casts back)."""
     return [t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
@@ -533,6 +544,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
     seed = _check_seed(dropout_p, seed)
     if impl == "reference":
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    x = _autocast_input(x)
     weight, lora_A, lora_B, bias = _as_input_dtype(x, [weight, lora_A, lora_B, bias])
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
     (y,) = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), lora_A, hyper, weight, lora_B, bias)
@@ -549,6 +561,7 @@ def lora_qkv(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dro
     seed = _check_seed(dropout_p, seed)
     if impl == "reference":
         return lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases, dropout_p, seed)
+    x = _autocast_input(x)
     weights, lora_As, lora_Bs, biases = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs, biases))
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
     outs = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As), hyper, *weights, *lora_Bs, *biases)
@@ -599,6 +612,7 @@ def lora_mlp(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, impl
     seed = _check_seed(dropout_p, seed)
     if impl == "reference":
         return lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p, seed)
+    x = _autocast_input(x)
     weights, lora_As, lora_Bs = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs))
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
     out = LoRAMLPFunction.apply(x.reshape(-1, x.shape[-1]), torch.cat(lora_As[:2]), lora_As[2], hyper,

@@ -72,5 +72,7 @@ class DataConfig:
             )
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise ValueError(f"data.weights={self.weights}: weights must be >= 0 and not all 0")
         if self.packing:
             raise NotImplementedError("data.packing=true is not implemented yet; set data.packing=false")

@@ -14,10 +14,11 @@ order, and buckets them into micro-batches (loaders.batching).
 Exact resume, with or without workers: every example carries its producer's state at the
 start of the group it was drawn in and its ordinal. The saved state of a producer is the
 group state of its oldest example still waiting to be batched, plus which later ordinals
-were already used; a resume replays that stretch (re-decoding at most one group and the
-waiting examples) and rebuilds the waiting queue in order. ``set_tasks`` uses the same path
-(state -> new tasks -> load), so a stage change is exactly reproducible too. A resume must
-use the same world size and num_workers (the shard split depends on them).
+were already used; a resume replays that stretch (re-decoding the bucketing lookahead, a
+few micro-batches' worth) and rebuilds the waiting queue in order. ``set_tasks`` uses the
+same path (state -> new tasks -> load; with workers it restarts them), so a stage change is
+exactly reproducible too. A resume must use the same rank, world size, num_workers and seed
+(the shard split depends on them).
 
 Another sampler plugs in through ``sampler_factory(data_counts, source_weights, *, seed,
 slot, active_tasks, task_weights) -> Sampler`` (see loaders.stream for the protocol; the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import collections
 import copy
 import glob
+import logging
 import os
 import sys
 
@@ -37,13 +39,14 @@ import torch
 from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
 from loaders.stream import (
     LABELLED_TASKS, ErrorCounter, ExampleSource, ProportionalSampler, SampleTooLong, check_enough_shards,
-    check_shards_exist, count_examples, expand_sources, expand_urls, iter_tar_samples, prepare_example,
+    check_shards_exist, count_examples, expand_sources, iter_tar_samples, prepare_example,
     source_weight,
 )
 from loaders.audio import AudioError
 from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
 
 STATE_VERSION = 1
+log = logging.getLogger("loaders")
 
 
 def demo_shard_urls(cache_dir) -> tuple[list[str], list[str]]:
@@ -167,6 +170,7 @@ class TrainStream:
         self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
         self.task_weights = dict(task_weights or {})
         self.sampler_factory = sampler_factory
+        self._warned_samplers: set[str] = set()
         self._loader_iter = None
         self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
                      "counts_by_worker": [None] * self.num_producers, "used": 0, "used_tasks": {}, "steps": 0})
@@ -257,6 +261,16 @@ class TrainStream:
         state = self.state_dict()
         state["active_tasks"], state["task_weights"] = active_tasks, task_weights
         self.load_state_dict(state)
+
+    def set_sampler(self, name: str) -> None:
+        """The schedule's sampler name for the coming stage. Only "random" (natural mixing,
+        ProportionalSampler) is built in; another sampler plugs in through sampler_factory at
+        construction. An unknown name is reported loudly, not silently replaced."""
+        current = getattr(self.sampler_factory, "sampler_name", "random")
+        if name != current and name not in self._warned_samplers:
+            self._warned_samplers.add(name)
+            log.warning("the schedule asks for sampler %r but this TrainStream draws with %r; pass "
+                        "sampler_factory=<%s sampler> to TrainStream to use it", name, current, name)
 
     # --- state ------------------------------------------------------------------------------
     def _worker_entry(self, worker: int):

@@ -42,8 +42,10 @@ re-reads at most one block and the sample sequence is exactly the uninterrupted 
 
 Errors: each bad sample is skipped with a warning naming shard and key and counted by
 reason (``SKIP_REASONS``), or raised as DataError with on_error="raise". A record-level
-error seen by several task streams is counted once per epoch. Counts add up:
-read = emitted + skipped + buffered (examples waiting in shuffle blocks).
+error (no JSON, bad JSON, no target, unknown task, corrupt tar) met by several task streams
+of a slot is counted once per epoch; a stream started later (a new curriculum stage) counts
+what it reads itself. Counts add up: read = emitted + skipped + buffered (examples waiting in
+shuffle blocks).
 """
 from __future__ import annotations
 
@@ -54,13 +56,13 @@ import os
 import random
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import numpy as np
 
-from loaders.audio import AudioError, decode_audio, probe_duration
-from loaders.features import HOP_LENGTH, log_mel, num_frames
+from loaders.audio import TARGET_SAMPLE_RATE, AudioError, decode_audio, probe_duration
+from loaders.features import log_mel, num_frames
 from loaders.prompts import audio_token_count, build_prompt_ids, instruction_language, instruction_text, target_token_count
 from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
 
@@ -622,6 +624,8 @@ class ExampleSource:
                 "epoch": max(epochs, default=0)}
 
     def state_dict(self) -> dict:
+        # Records before the slowest reader's epoch cannot be met again: forget them.
+        self.errors.prune(min((r.epoch for r in self.readers.values()), default=0))
         return {"readers": {name: r.state_dict() for name, r in self.readers.items()}, "emitted": self.emitted,
                 "pull_history": {name: list(h) for name, h in self.pull_history.items()},
                 "skipped": dict(self.errors.skipped), "seen": sorted(list(e) for e in self.errors.seen),
@@ -677,7 +681,7 @@ def prepare_example(sample: RawSample, task: str, epoch: int, cfg, tokenizer) ->
                             "data.max_audio_seconds")
     label = target if task in LABELLED_TASKS else None
     return Example(sample.key, sample.shard, task, label, epoch, np.asarray(ids.input_ids, dtype=np.int64),
-                   np.asarray(ids.labels, dtype=np.int64), features, waveform.size / (HOP_LENGTH * 100.0))
+                   np.asarray(ids.labels, dtype=np.int64), features, waveform.size / TARGET_SAMPLE_RATE)
 
 
 # --- mixing ---------------------------------------------------------------------------------

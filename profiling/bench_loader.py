@@ -131,6 +131,9 @@ def write_results(rows: list[dict], settings: dict) -> None:
     fields = list(meta) + ["workers", "features", "samples_per_s", "audio_s_per_s", "tokens_per_s", "x_vs_extractor",
                            "steps", "samples", "elapsed_s"]
     new_file = not RESULTS_CSV.exists()
+    if not new_file:  # keep the columns of the existing file, so older rows stay aligned
+        with RESULTS_CSV.open(newline="") as handle:
+            fields = next(csv.reader(handle), fields)
     with RESULTS_CSV.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         if new_file:

@@ -4,7 +4,10 @@
     python -m profiling.bench_lora --tokens 8192 --json runs/bench_lora.json
 
 Compared, in the same run and on the same inputs:
-  ours       kernels.lora.lora_linear / lora_qkv / lora_mlp, impl=triton (GPU only)
+  ours       kernels.lora.lora_linear / lora_qkv / lora_mlp, impl=triton (GPU only): step-1
+             kernels around cuBLAS GEMMs
+  ours_gemm  the same with impl=triton_gemm: base GEMMs in Triton, rank-r term in the accumulator
+             (the recipe's lora.impl=auto takes whichever of the two this benchmark shows faster)
   peft       PEFT's LoraLayer (peft.tuners.lora.Linear) in eager mode      <- named baseline
   compiled   the PyTorch reference under torch.compile (GPU; --compile on CPU)
   reference  the PyTorch reference in eager mode (CPU)
@@ -31,11 +34,14 @@ from kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_lora.csv"
 # Qwen2.5-Omni-7B thinker (its config.json): hidden 3584, intermediate 18944, 28 query heads and
 # 4 KV heads of 128. The CPU shapes keep the proportions at a size two cores time in seconds.
-SHAPES_7B = {"hidden": 3584, "intermediate": 18944, "kv": 4 * 128}
-SHAPES_CPU = {"hidden": 512, "intermediate": 1408, "kv": 128}
+SHAPES = {"7b": {"hidden": 3584, "intermediate": 18944, "kv": 4 * 128},
+          "cpu": {"hidden": 512, "intermediate": 1408, "kv": 128},
+          # smoke test of this script itself, e.g. with TRITON_INTERPRET=1 --with-ours on CPU
+          "tiny": {"hidden": 128, "intermediate": 256, "kv": 32}}
 RANK = 16
 ALPHA = 32  # scale 2, as a typical alpha = 2r recipe
 GPU_TOKENS = [4096, 8192, 16384]
+OURS = {"ours": "triton", "ours_gemm": "triton_gemm"}
 CPU_TOKENS = [1024]
 # Forward+backward steps before timing (autotuning, torch.compile, allocator warm-up) and timed
 # steps; the CPU run uses fewer, its steps take tenths of seconds.
@@ -80,21 +86,22 @@ def peft_layer(weight, lora_A, lora_B, dropout_p):
     return layer
 
 
-def single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen):
+def single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen, with_ours):
     """name -> (fn(x) -> output)."""
     weight, lora_A, lora_B = make_params(k, n, device, dtype, gen)
     scale = ALPHA / RANK
     layer = peft_layer(weight, lora_A, lora_B, dropout_p)
     cands = {"peft": layer, "gemm_bound": lambda x: F.linear(x, weight)}
-    if device.type == "cuda":
-        cands["ours"] = lambda x: lora_linear(x, weight, lora_A, lora_B, scale, None, dropout_p, impl="triton")
+    if with_ours:
+        for name, impl in OURS.items():
+            cands[name] = lambda x, impl=impl: lora_linear(x, weight, lora_A, lora_B, scale, None, dropout_p, impl=impl)
     ref = lambda x: lora_linear_reference(x, weight, lora_A, lora_B, scale, None, dropout_p, 1234)
     # dynamic=True: one compilation serves every token count of this layer.
     cands["compiled" if compile_ref else "reference"] = torch.compile(ref, dynamic=True) if compile_ref else ref
     return cands
 
 
-def qkv_candidates(shapes, device, dtype, dropout_p, gen):
+def qkv_candidates(shapes, device, dtype, dropout_p, gen, with_ours):
     h, kv = shapes["hidden"], shapes["kv"]
     parts = [make_params(h, n, device, dtype, gen) for n in (h, kv, kv)]
     weights, As, Bs = [list(t) for t in zip(*parts)]
@@ -102,12 +109,13 @@ def qkv_candidates(shapes, device, dtype, dropout_p, gen):
     scale = ALPHA / RANK
     cands = {"peft": lambda x: tuple(layer(x) for layer in layers),
              "gemm_bound": lambda x: tuple(F.linear(x, w) for w in weights)}
-    if device.type == "cuda":
-        cands["ours"] = lambda x: lora_qkv(x, weights, As, Bs, scale, (None,) * 3, dropout_p, impl="triton")
+    if with_ours:
+        for name, impl in OURS.items():
+            cands[name] = lambda x, impl=impl: lora_qkv(x, weights, As, Bs, scale, (None,) * 3, dropout_p, impl=impl)
     return cands
 
 
-def mlp_candidates(shapes, device, dtype, dropout_p, gen):
+def mlp_candidates(shapes, device, dtype, dropout_p, gen, with_ours):
     h, i = shapes["hidden"], shapes["intermediate"]
     parts = [make_params(k, n, device, dtype, gen) for k, n in ((h, i), (h, i), (i, h))]
     weights, As, Bs = [list(t) for t in zip(*parts)]
@@ -116,9 +124,10 @@ def mlp_candidates(shapes, device, dtype, dropout_p, gen):
     scale = ALPHA / RANK
     cands = {"peft": lambda x: down(F.silu(gate(x)) * up(x)),
              "gemm_bound": lambda x: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)}
-    if device.type == "cuda":
-        cands["ours"] = lambda x: lora_mlp(x, weights, As, Bs, scale, dropout_p, impl="triton")
-    else:
+    if with_ours:
+        for name, impl in OURS.items():
+            cands[name] = lambda x, impl=impl: lora_mlp(x, weights, As, Bs, scale, dropout_p, impl=impl)
+    if device.type != "cuda":
         cands["reference"] = lambda x: lora_mlp_reference(x, weights, As, Bs, scale, dropout_p, 1234)
     return cands
 
@@ -197,13 +206,17 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj", "qkv", "mlp"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time the reference under torch.compile (default: on GPU only)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), help="default: 7b on GPU, cpu on CPU")
+    parser.add_argument("--with-ours", action=argparse.BooleanOptionalAction, default=None,
+                        help="time our Triton paths (default: on GPU only; on CPU needs TRITON_INTERPRET=1)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    shapes = SHAPES_7B if on_gpu else SHAPES_CPU
+    shapes = SHAPES[args.shapes or ("7b" if on_gpu else "cpu")]
+    with_ours = on_gpu if args.with_ours is None else args.with_ours
     tokens = args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS)
     compile_ref = on_gpu if args.compile is None else args.compile
     device_name = torch.cuda.get_device_name() if on_gpu else "CPU"
@@ -216,11 +229,11 @@ def main(argv=None):
         for layer in args.layers:
             if layer in single:
                 k, n = single[layer]
-                cands = single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen)
+                cands = single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen, with_ours)
             elif layer == "qkv":
-                k, cands = shapes["hidden"], qkv_candidates(shapes, device, dtype, dropout_p, gen)
+                k, cands = shapes["hidden"], qkv_candidates(shapes, device, dtype, dropout_p, gen, with_ours)
             elif layer == "mlp":
-                k, cands = shapes["hidden"], mlp_candidates(shapes, device, dtype, dropout_p, gen)
+                k, cands = shapes["hidden"], mlp_candidates(shapes, device, dtype, dropout_p, gen, with_ours)
             else:
                 parser.error(f"--layers: {layer!r} is not one of {[*single, 'qkv', 'mlp']}")
             for m in tokens:

@@ -3,6 +3,12 @@
 On CPU the triton implementation runs under TRITON_INTERPRET=1 (set by tests/conftest.py) in
 fp32 and fp16 (the interpreter's bf16 dot is wrong, see DESIGN.md); bf16 runs in the `gpu` tests.
 """
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,6 +214,58 @@ def test_tied_embedding_receives_both_gradients(impl):
         (loss / n_valid).backward()
         grads[name] = embedding.weight.grad
     assert_close_rel(grads[impl], grads["naive"], torch.float32, "tied embedding grad")
+
+
+FSDP2_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from kernels.linear_cross_entropy import linear_cross_entropy
+
+    class HeadWithLoss(torch.nn.Module):  # the loss runs inside the forward that owns lm_head
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(31, 31)
+            self.lm_head = torch.nn.Linear(31, 1237, bias=False)
+        def forward(self, x, labels, impl):
+            return linear_cross_entropy(torch.tanh(self.body(x)), self.lm_head.weight, labels, impl=impl)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    x, labels = torch.randn(47, 31), torch.randint(0, 1237, (47,))
+    labels[::4] = -100
+    grads = {}
+    for impl in ("reference", "naive"):
+        torch.manual_seed(1)
+        model = HeadWithLoss()
+        fully_shard(model)
+        loss, n_valid, _ = model(x, labels, impl)
+        (loss / n_valid).backward()
+        grads[impl] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    try:  # outside the forward the weight is still sharded: a clear error, not a wrong loss
+        linear_cross_entropy(x, model.lm_head.weight, labels)
+        raise SystemExit("a sharded DTensor weight was accepted")
+    except ValueError as err:
+        assert "sharded DTensor" in str(err), err
+    for name, expected in grads["naive"].items():
+        torch.testing.assert_close(grads["reference"][name], expected, rtol=1e-5, atol=1e-6)
+    dist.barrier()
+    dist.destroy_process_group()
+    print("FSDP2 grads match")
+""")
+
+
+def test_fsdp2_sharded_lm_head_gets_the_same_grads_as_naive():
+    """Under FSDP2 (gloo, one rank, in its own process) the gathered lm_head weight is an ordinary
+    tensor inside the module's forward; its reduce-scattered gradient must equal naive's. Outside
+    that forward the sharded weight is refused with a clear error."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT, str(port)], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "FSDP2 grads match" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_tiny_model_training_losses_agree_across_impls():

@@ -220,3 +220,21 @@ def test_source_weights_steer_the_mix(tmp_path, tokenizer):
         stream.close()
     with pytest.raises(ValueError, match="one weight per source"):
         TrainStream(DataConfig(train=[a, b], weights=[1.0]), tokenizer, rank=0, world_size=1, grad_accum=1, seed=0)
+
+
+def test_counts_add_up_with_bad_samples_in_the_stream(tmp_path, tokenizer):
+    rng = np.random.default_rng(2)
+    urls = []
+    for s in range(2):
+        records = [(f"g{s}-{i}", {"text": "كتب", "dialect": "msa"}, flac_bytes(0.1 * rng.standard_normal(3200).astype(np.float32)))
+                   for i in range(4)]
+        records += [(f"bad-audio{s}", {"text": "كتب"}, b"fLaC not really"), (f"bad-label{s}", {"dialect": "xx"}, records[0][2])]
+        urls.append(write_shard(tmp_path / f"m-{s}.tar", records))
+    stream = TrainStream(DataConfig(train=urls, shuffle_buffer=3, max_tokens_per_batch=512), tokenizer,
+                         rank=0, world_size=1, grad_accum=2, seed=0)
+    for _ in range(3):
+        stream.next_step()
+        counts = stream.counts()
+        check_counts_add_up(counts)
+    assert counts["skipped"]["undecodable_audio"] >= 2 and counts["skipped"]["label_outside_set"] >= 2
+    stream.close()

@@ -224,3 +224,20 @@ def test_rewind_re_reads_the_same_examples_without_counting_them_again(bad_shard
     assert [reference.pull("asr").key for _ in range(8)] == first + [after]
     with pytest.raises(ValueError, match="cannot step back 9"):
         source.rewind("asr", n=9)
+
+
+def test_gzipped_shards_read_like_plain_ones(bad_shards, tmp_path):
+    import gzip
+
+    plain = bad_shards[0]
+    zipped = tmp_path / "a.tar.gz"
+    zipped.write_bytes(gzip.compress(open(plain, "rb").read()))
+    keys = lambda url: [(s.key, s.error and s.error[0]) for s in iter_tar_samples(url)]  # noqa: E731
+    assert keys(str(zipped)) == keys(plain)
+
+
+def test_a_task_without_data_is_an_error_not_a_hang(tmp_path, tokenizer):
+    shard = write_shard(tmp_path / "asr-only.tar", sample("k", {"text": "كتب"}, wav_bytes(0.3)))
+    source = ExampleSource([[shard]], bad_config(), tokenizer, {}, slot=0, num_slots=1, seed=0)
+    with pytest.raises(ShardError, match="no usable sum example"):
+        source.pull("sum")

@@ -1,0 +1,459 @@
+"""Validation during training: teacher-forced loss, label accuracy and a bounded generation pass.
+
+    validator = attach_validation(trainer, cfg, env, model, tokenizer)   # after building the Trainer
+    summary["eval"] = final_validation(trainer)                          # after trainer.train()
+
+One validation (``Validator.run``) does, on every rank at once:
+  1. teacher forcing over this rank's validation batches (``shards[rank::world_size]``): loss
+     sums and counts per task, and for did/ser whether the first answer token is predicted
+     right (the label's first token; the cheap signal that moves first on small runs);
+  2. greedy generation over at most ``eval.max_samples`` samples of the whole validation set,
+     split across ranks, each scored with ``engine.evaluate.score``.
+Sums and predictions are combined over ranks, so every rank ends with the same eval row and
+that row equals the one a 1-process run computes (up to float summation order).
+
+Lockstep under FSDP: every forward all-gathers parameters, so every rank must make the same
+number of forward calls. Ranks hold different numbers of samples (shards split unequally), so
+each rank pads its batch list to the longest one with dummy batches (a copy of one of its own
+batches, results discarded, counted in the row as ``dummy_batches``), and decoding goes on
+until every rank's rows have finished: an "any row unfinished" flag is all-reduced before
+each decoding step, and a rank whose rows are done keeps running (and discarding) forwards
+until the flag says all are done.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.evaluate import PredictionRecord, closed_label_sets, score_records
+from engine.parallel import DistEnv, all_reduce_sum
+from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, PAD_TOKEN
+from engine.trainer import to_device
+from loaders.tasks import TASKS
+
+IGNORE_INDEX = -100  # label value of tokens outside the answer (loaders.prompts)
+LABEL_ACCURACY_TASKS = ("did", "ser")
+# Generation stops at the end of the assistant turn. <|endoftext|> also ends a reply in
+# Qwen2.5-Omni's generation_config.json (eos_token_id [151645, 151643]).
+STOP_TOKENS = (IM_END, PAD_TOKEN)
+# Input-only tokens the model must never emit: an <|AUDIO|> placeholder in the growing
+# sequence would have no audio features behind it and stop the next forward.
+BANNED_TOKENS = (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
+
+
+# --- collectives (no-ops without a process group) -----------------------------------------
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not _distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank_true(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    if _distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+# --- samples for generation ---------------------------------------------------------------
+
+@dataclass
+class GenerationSample:
+    """One validation example cut into what generation needs: the prompt, its audio, the reference."""
+
+    task: str
+    key: str
+    prompt_ids: torch.Tensor  # [P] long: everything up to the first answer token
+    features: torch.Tensor  # [128, F] log-mel frames of the clip (unpadded)
+    reference: str
+    order: int = -1  # place in the global selection order (equal on every world size)
+
+
+def split_batch_rows(batch: dict, tokenizer) -> list[GenerationSample]:
+    """The rows of a loader batch as GenerationSamples. The prompt of a row is its tokens up to
+    the first label != -100; the reference is the label tokens without the closing <|im_end|>."""
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    samples = []
+    for row in range(batch["input_ids"].shape[0]):
+        labels = batch["labels"][row]
+        answer = (labels != IGNORE_INDEX).nonzero().flatten()
+        if answer.numel() == 0:
+            raise ValueError(f"validation sample {batch['keys'][row]} ({batch['tasks'][row]}) has no answer "
+                             "tokens (every label is -100); the loader must label the assistant response")
+        target = labels[answer].tolist()
+        if target and target[-1] == im_end:
+            target = target[:-1]
+        frames = int(batch["feature_attention_mask"][row].sum())
+        samples.append(GenerationSample(
+            task=batch["tasks"][row], key=batch["keys"][row],
+            prompt_ids=batch["input_ids"][row, :int(answer[0])].clone(),
+            features=batch["input_features"][row, :, :frames].clone(),
+            reference=tokenizer.decode(target)))
+    return samples
+
+
+def _selection_rank(task: str, key: str) -> int:
+    # A hash, not the key itself: keys sort in shard order, so taking the first few by key
+    # would draw every sample from the first shard (and put all the decoding on one rank).
+    return zlib.crc32(f"{task}/{key}".encode("utf-8"))
+
+
+def select_for_generation(candidates_by_rank: list[list[tuple[str, str]]], max_samples: int) -> list[dict]:
+    """Which samples to generate for: {(rank, index): order} as a list per rank.
+
+    Tasks take turns (asr, sum, did, ser, asr, ...), each in a fixed hashed order of its
+    (task, key) pairs, until ``max_samples`` are taken; the choice depends only on the set of
+    samples, not on how the shards are split across ranks.
+    """
+    by_task: dict[str, list] = {task: [] for task in TASKS}
+    for rank, candidates in enumerate(candidates_by_rank):
+        for index, (task, key) in enumerate(candidates):
+            by_task[task].append((_selection_rank(task, key), key, rank, index))
+    queues = [sorted(entries) for entries in by_task.values() if entries]
+    chosen: list[dict] = [{} for _ in candidates_by_rank]
+    order, depth = 0, 0
+    while order < max_samples and any(depth < len(queue) for queue in queues):
+        for queue in queues:
+            if depth < len(queue) and order < max_samples:
+                _, _, rank, index = queue[depth]
+                chosen[rank][index] = order
+                order += 1
+        depth += 1
+    return chosen
+
+
+def generation_batches(samples: list[GenerationSample], budget: int, max_new_tokens: int,
+                       pad_id: int) -> list[dict]:
+    """Samples sorted by prompt length, packed so that batch x (prompt + new tokens) fits the
+    token budget (data.max_tokens_per_batch); at least one sample per batch."""
+    samples = sorted(samples, key=lambda s: (len(s.prompt_ids), s.order))
+    groups, current = [], []
+    for sample in samples:
+        if current and (len(current) + 1) * (len(sample.prompt_ids) + max_new_tokens) > budget:
+            groups.append(current)
+            current = []
+        current.append(sample)
+    if current:
+        groups.append(current)
+    return [collate_prompts(group, pad_id) for group in groups]
+
+
+def collate_prompts(samples: list[GenerationSample], pad_id: int) -> dict:
+    """Right-padded prompts and their audio, in the loader's batch format (no labels)."""
+    width = max(len(s.prompt_ids) for s in samples)
+    frames = max(s.features.shape[1] for s in samples)
+    n_mels = samples[0].features.shape[0]
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(samples), width), dtype=torch.long)
+    features = torch.zeros((len(samples), n_mels, frames), dtype=torch.float32)
+    feature_mask = torch.zeros((len(samples), frames), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n, f = len(sample.prompt_ids), sample.features.shape[1]
+        input_ids[row, :n] = sample.prompt_ids
+        attention[row, :n] = 1
+        features[row, :, :f] = sample.features
+        feature_mask[row, :f] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "input_features": features,
+            "feature_attention_mask": feature_mask, "samples": samples}
+
+
+# --- greedy decoding ----------------------------------------------------------------------
+
+def greedy_decode(model, batch: dict, *, max_new_tokens: int, stop_ids: set[int], banned_ids: list[int],
+                  device: torch.device, dummy: bool = False) -> list[list[int]]:
+    """Generated token ids per row (stop token excluded), in lockstep with the other ranks.
+
+    No KV cache: each step recomputes the forward over the whole growing sequence. That keeps
+    decoding on the one forward path FSDP wraps (model(batch, mode=...)), and for the tiny
+    model and a bounded max_new_tokens (eval.max_new_tokens) the extra compute is small.
+    The audio features stay as they are; only the text grows. A dummy batch starts with every
+    row finished: it only keeps this rank in step while other ranks still decode.
+    """
+    rows = batch["input_ids"].shape[0]
+    lengths = batch["attention_mask"].sum(dim=1)
+    ids = torch.full((rows, batch["input_ids"].shape[1] + max_new_tokens), 0, dtype=torch.long)
+    ids[:, :batch["input_ids"].shape[1]] = batch["input_ids"]
+    finished = [dummy] * rows
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    audio = to_device({k: batch[k] for k in ("input_features", "feature_attention_mask")}, device)
+    for _ in range(max_new_tokens):
+        # Every rank takes part in this all-reduce each step, so all leave the loop together.
+        if not any_rank_true(not all(finished), device):
+            break
+        width = int(lengths.max())
+        positions = torch.arange(width)
+        step_batch = {"input_ids": ids[:, :width], "attention_mask": (positions < lengths[:, None]).long()}
+        logits = model({**to_device(step_batch, device), **audio}, mode="next_token_logits")
+        if banned_ids:
+            logits[:, banned_ids] = float("-inf")
+        next_ids = logits.argmax(dim=-1).tolist()
+        for row in range(rows):
+            if finished[row]:
+                continue
+            if next_ids[row] in stop_ids:
+                finished[row] = True
+                continue
+            generated[row].append(next_ids[row])
+            ids[row, lengths[row]] = next_ids[row]
+            lengths[row] += 1
+    return generated
+
+
+def banned_token_ids(tokenizer, vocab_rows: int) -> list[int]:
+    """Input-only special tokens, and the embedding rows past the tokenizer (padding rows of
+    the vocabulary, which no tokenizer id names)."""
+    banned = {tokenizer.convert_tokens_to_ids(token) for token in BANNED_TOKENS}
+    banned.update(range(len(tokenizer), vocab_rows))
+    return sorted(i for i in banned if i is not None and 0 <= i < vocab_rows)
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS}
+    return {i for i in ids if i is not None and i != tokenizer.unk_token_id}
+
+
+def scalar_metrics(metrics_by_task: dict[str, dict]) -> dict[str, dict]:
+    """The numbers of each task's metrics (no confusion matrix or per-label tables): what
+    metrics.jsonl and TensorBoard keep per validation."""
+    return {task: {name: value for name, value in metrics.items()
+                   if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))}
+            for task, metrics in metrics_by_task.items()}
+
+
+# --- the validator ------------------------------------------------------------------------
+
+class Validator:
+    """Validation of one rank, in lockstep with the others (see the module docstring)."""
+
+    def __init__(self, cfg, env: DistEnv, model, tokenizer, *, max_generated: int | None = None):
+        from loaders.pipeline import build_val_batches
+
+        self.cfg, self.env, self.model, self.tokenizer = cfg, env, model, tokenizer
+        self.max_new_tokens = cfg.eval.max_new_tokens
+        self.max_generated = cfg.eval.max_samples if max_generated is None else max_generated
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batches = build_val_batches(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size)
+        counts = all_gather_objects(len(self.batches))
+        self.examples_per_rank = all_gather_objects(sum(len(b["keys"]) for b in self.batches))
+        self.enabled = max(counts) > 0
+        self.disabled_reason = None if self.enabled else (
+            "no validation data (data.val is empty while data.train is set, or every validation sample was "
+            "skipped); set data.val to validation shards to get eval rows")
+        if not self.enabled:
+            return
+        # A rank whose shards held no usable sample still has to run the same forwards: it
+        # borrows one batch, as a template for its dummy batches, from the first rank with data.
+        self.template = self.batches[0] if self.batches else None
+        if min(counts) == 0:
+            source = [rank for rank, count in enumerate(counts) if count > 0][0]
+            box = [self.template]
+            dist.broadcast_object_list(box, src=source)
+            self.template = box[0]
+        self.num_loss_batches = max(counts)
+        self._prepare_generation()
+
+    def _prepare_generation(self) -> None:
+        own = [sample for batch in self.batches for sample in split_batch_rows(batch, self.tokenizer)]
+        chosen = select_for_generation(all_gather_objects([(s.task, s.key) for s in own]), self.max_generated)
+        selected = []
+        for index, order in chosen[self.env.rank].items():
+            own[index].order = order
+            selected.append(own[index])
+        self.n_generated = sum(len(c) for c in chosen)
+        self.gen_batches = generation_batches(selected, self.cfg.data.max_tokens_per_batch,
+                                              self.max_new_tokens, self.pad_id)
+        self.num_gen_batches = max_over_ranks(len(self.gen_batches), self.env.device)
+        template = split_batch_rows(self.template, self.tokenizer)[:1]
+        self.gen_template = collate_prompts(template, self.pad_id)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        # A sharded lm_head weight is a DTensor: its shape is the global one.
+        self.banned_ids = banned_token_ids(self.tokenizer, int(self.model.lm_head.weight.shape[0]))
+
+    # --- the two passes -----------------------------------------------------------------
+    def teacher_forced(self) -> tuple[dict, dict, int]:
+        """(val_loss per task, val_label_acc for did/ser, dummy batches of this rank)."""
+        n = len(TASKS)
+        # loss sums, token counts, first-token hits, rows with a first target; per task
+        sums = torch.zeros(4 * n, dtype=torch.float64)
+        dummies = 0
+        for index in range(self.num_loss_batches):
+            real = index < len(self.batches)
+            batch = self.batches[index] if real else self.template
+            out = self.model(to_device(batch, self.env.device), mode="eval")
+            if not real:
+                dummies += 1
+                continue
+            sums[:n] += out["per_task_loss_sum"].detach().double().cpu()
+            sums[n:2 * n] += out["per_task_count"].detach().double().cpu()
+            task_ids = batch["task_ids"]
+            has_target = (out["first_target"] != IGNORE_INDEX).cpu()
+            hits = ((out["first_pred"] == out["first_target"]).cpu() & has_target).double()
+            sums[2 * n:3 * n] += torch.bincount(task_ids, weights=hits, minlength=n)
+            sums[3 * n:] += torch.bincount(task_ids, weights=has_target.double(), minlength=n)
+        sums = all_reduce_sum(sums.to(self.env.device)).cpu()
+        val_loss = {task: float(sums[i] / sums[n + i]) for i, task in enumerate(TASKS) if sums[n + i] > 0}
+        label_acc = {task: float(sums[2 * n + i] / sums[3 * n + i]) for i, task in enumerate(TASKS)
+                     if task in LABEL_ACCURACY_TASKS and sums[3 * n + i] > 0}
+        return val_loss, label_acc, dummies
+
+    def generate(self) -> tuple[list[dict], int]:
+        """(every rank's predictions in selection order, dummy batches of this rank)."""
+        records, dummies = [], 0
+        for index in range(self.num_gen_batches):
+            real = index < len(self.gen_batches)
+            batch = self.gen_batches[index] if real else self.gen_template
+            generated = greedy_decode(self.model, batch, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                      banned_ids=self.banned_ids, device=self.env.device, dummy=not real)
+            if not real:
+                dummies += 1
+                continue
+            for sample, ids in zip(batch["samples"], generated):
+                records.append({"order": sample.order, "task": sample.task, "key": sample.key,
+                                "prediction": self.tokenizer.decode(ids, skip_special_tokens=True),
+                                "reference": sample.reference})
+        gathered = [record for part in all_gather_objects(records) for record in part]
+        gathered.sort(key=lambda record: record["order"])
+        return [{k: v for k, v in record.items() if k != "order"} for record in gathered], dummies
+
+    def score(self, records: list[dict]) -> dict[str, dict]:
+        """Full metrics per task (score_records), against the recipe's closed label sets."""
+        if not records:
+            return {}
+        labels = closed_label_sets(self.cfg.data.dialects, self.cfg.data.emotions)
+        return score_records([PredictionRecord(r["task"], r["prediction"], r["reference"]) for r in records], labels)
+
+    def run(self, *, step: int, tokens: int, stage: str) -> dict | None:
+        """The ``"event": "eval"`` row (the same on every rank), or None when disabled."""
+        if not self.enabled:
+            return None
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                val_loss, label_acc, loss_dummies = self.teacher_forced()
+                records, gen_dummies = self.generate()
+        finally:
+            self.model.train(was_training)
+        self.last_records = records
+        dummy_batches = int(all_reduce_sum(torch.tensor([loss_dummies + gen_dummies], dtype=torch.int64,
+                                                        device=self.env.device)).item())
+        return {"event": "eval", "step": step, "tokens": tokens, "stage": stage, "val_loss": val_loss,
+                "val_label_acc": label_acc, "metrics": scalar_metrics(self.score(records)),
+                "n_val_examples": sum(self.examples_per_rank), "n_generated": len(records),
+                "dummy_batches": dummy_batches, "eval_s": time.perf_counter() - start}
+
+
+# --- wiring into the trainer --------------------------------------------------------------
+
+def format_eval_line(row: dict) -> str:
+    losses = " ".join(f"{task} {value:.3f}" for task, value in row["val_loss"].items())
+    parts = [f"eval @ step {row['step']}: val loss {losses or '-'}"]
+    headline = {"asr": "wer", "sum": "rougeL", "did": "macro_f1", "ser": "macro_f1"}
+    scores = [f"{task} {name} {row['metrics'][task][name]:.3f}" for task, name in headline.items()
+              if row["metrics"].get(task, {}).get(name) is not None]
+    if scores:
+        parts.append(", ".join(scores))
+    if row["val_label_acc"]:
+        parts.append("label acc " + " ".join(f"{t} {v:.3f}" for t, v in row["val_label_acc"].items()))
+    parts.append(f"{row['n_generated']} generated, {row['dummy_batches']} dummy batches, {row['eval_s']:.1f} s")
+    return " | ".join(parts)
+
+
+class TrainingValidation:
+    """Runs the validator from the trainer's hooks, at most once per step, and records the rows."""
+
+    def __init__(self, validator: Validator, every: int):
+        self.validator, self.every = validator, every
+        self.last_step: int | None = None
+        self.trained_stage: str | None = None  # the stage the latest step trained in
+
+    def validate(self, trainer, stage: str | None = None) -> dict | None:
+        step = trainer.state.step
+        if step == self.last_step:
+            return trainer.last_eval
+        row = self.validator.run(step=step, tokens=trainer.state.tokens, stage=stage or trainer.stage_name())
+        self.last_step = step
+        if row is not None:
+            trainer.last_eval = row
+            if trainer.writer is not None:
+                trainer.writer.write(row)
+            trainer.log(format_eval_line(row))
+        return row
+
+    def after_step(self, trainer) -> None:
+        self.trained_stage = trainer.stage_name()
+        if self.every > 0 and trainer.state.step % self.every == 0:
+            self.validate(trainer)
+
+    def on_stage_change(self, trainer) -> None:
+        # The model at a boundary is the product of the stage that just ended: label it so.
+        self.validate(trainer, stage=self.trained_stage)
+
+
+def _chain(first, second):
+    if first is None:
+        return second
+
+    def both(trainer):
+        first(trainer)
+        second(trainer)
+    return both
+
+
+def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator:
+    """Validate every ``eval.every`` steps and at each curriculum stage switch; hooks already
+    registered on the trainer still run (first)."""
+    validator = Validator(cfg, env, model, tokenizer)
+    trainer.last_eval = None
+    if not validator.enabled:
+        trainer.log(f"validation disabled: {validator.disabled_reason}")
+        return validator
+    trainer.log(f"validation: {sum(validator.examples_per_rank)} examples (per rank {validator.examples_per_rank}), "
+                f"generation on {validator.n_generated}, every {cfg.eval.every or 'stage boundary'} "
+                f"step(s){', and at the end' if cfg.eval.at_end else ''}")
+    hooks = TrainingValidation(validator, cfg.eval.every)
+    trainer.validation = hooks
+    trainer.hooks["after_step"] = _chain(trainer.hooks.get("after_step"), hooks.after_step)
+    trainer.hooks["on_stage_change"] = _chain(trainer.hooks.get("on_stage_change"), hooks.on_stage_change)
+    return validator
+
+
+def reached_the_end(trainer) -> bool:
+    """Training ended at max_steps / max_tokens, not at debug.stop_after_steps (which acts as a
+    preempted job: it stops to be resumed, and a preempted job gets no final validation)."""
+    cfg, state = trainer.cfg, trainer.state
+    return state.step >= cfg.max_steps or (cfg.max_tokens > 0 and state.tokens >= cfg.max_tokens)
+
+
+def final_validation(trainer) -> dict | None:
+    """Validate the final model (when eval.at_end, the run reached its end and it was not
+    validated at this step already); returns the last eval row's metrics per task for
+    summary.json, or None without validation."""
+    hooks = getattr(trainer, "validation", None)
+    if hooks is None:
+        return None
+    if trainer.cfg.eval.at_end and reached_the_end(trainer):
+        hooks.validate(trainer, stage=hooks.trained_stage)
+    row = getattr(trainer, "last_eval", None)
+    return row["metrics"] if row else None
+
