@@ -101,7 +101,7 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------
     def per_rank_state(self) -> dict:
         return {"scheduler": self.scheduler.state_dict(), "train": self.state.__dict__.copy(),
-                "stream": self.stream.state_dict()}
+                "stream": self.stream.state_dict(), "previous_counts": getattr(self, "_previous_counts", {})}
 
     def resume(self) -> bool:
         point = ckpt.find_resume_point(self.ckpt_root, self.cfg.checkpoint.resume)
@@ -111,6 +111,7 @@ class Trainer:
         self.scheduler.load_state_dict(per_rank["scheduler"])
         self.state = TrainState(**per_rank["train"])
         self.stream.load_state_dict(per_rank["stream"])
+        self._previous_counts = per_rank.get("previous_counts", {})
         self.last_checkpoint = point
         self.log(f"resumed from {point} at step {self.state.step}")
         return True
@@ -275,9 +276,27 @@ class Trainer:
         counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
         if counts:
             row["data"] = counts
+            row.update(self._mix_since_last_row(counts))
         if self.env.is_main:
             self.writer.write(row)
             self.log(format_line(row, self.cfg.max_steps))
+
+    def _mix_since_last_row(self, counts: dict) -> dict:
+        """What the model saw since the previous log row: examples per task and per label
+        (the stream's counts are cumulative), plus ADS's repeats and embedding hit rate."""
+        def delta(now: dict, before: dict) -> dict:
+            return {k: (delta(v, before.get(k, {})) if isinstance(v, dict) else v - before.get(k, 0)) for k, v in now.items()}
+
+        previous = getattr(self, "_previous_counts", {})
+        out = {"tasks": delta(counts.get("tasks", {}), previous.get("tasks", {}))}
+        if "labels" in counts:
+            out["labels"] = delta(counts["labels"], previous.get("labels", {}))
+        for key in ("repeats", "embedding_hit_rate", "sampler"):
+            if key in counts:
+                out[key] = counts[key]
+        self._previous_counts = {"tasks": dict(counts.get("tasks", {})),
+                                 "labels": {t: dict(v) for t, v in counts.get("labels", {}).items()}}
+        return out
 
     def summary(self) -> dict:
         wall = max(self.state.wall_s, 1e-9)

@@ -88,12 +88,13 @@ class GenerationSample:
     order: int = -1  # place in the global selection order (equal on every world size)
 
 
-def split_batch_rows(batch: dict, tokenizer) -> list[GenerationSample]:
-    """The rows of a loader batch as GenerationSamples. The prompt of a row is its tokens up to
-    the first label != -100; the reference is the label tokens without the closing <|im_end|>."""
+def split_batch_rows(batch: dict, tokenizer, rows: list[int] | None = None) -> list[GenerationSample]:
+    """Rows of a loader batch (all by default) as GenerationSamples. The prompt of a row is its
+    tokens up to the first label != -100; the reference is the label tokens without the
+    closing <|im_end|>."""
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     samples = []
-    for row in range(batch["input_ids"].shape[0]):
+    for row in range(batch["input_ids"].shape[0]) if rows is None else rows:
         labels = batch["labels"][row]
         answer = (labels != IGNORE_INDEX).nonzero().flatten()
         if answer.numel() == 0:
@@ -272,18 +273,20 @@ class Validator:
         self._prepare_generation()
 
     def _prepare_generation(self) -> None:
-        own = [sample for batch in self.batches for sample in split_batch_rows(batch, self.tokenizer)]
-        chosen = select_for_generation(all_gather_objects([(s.task, s.key) for s in own]), self.max_generated)
+        where = [(b, row) for b, batch in enumerate(self.batches) for row in range(len(batch["keys"]))]
+        candidates = [(self.batches[b]["tasks"][row], self.batches[b]["keys"][row]) for b, row in where]
+        chosen = select_for_generation(all_gather_objects(candidates), self.max_generated)
         selected = []
-        for index, order in chosen[self.env.rank].items():
-            own[index].order = order
-            selected.append(own[index])
+        for index, order in chosen[self.env.rank].items():  # only the chosen rows are copied out
+            b, row = where[index]
+            (sample,) = split_batch_rows(self.batches[b], self.tokenizer, rows=[row])
+            sample.order = order
+            selected.append(sample)
         self.n_generated = sum(len(c) for c in chosen)
         self.gen_batches = generation_batches(selected, self.cfg.data.max_tokens_per_batch,
                                               self.max_new_tokens, self.pad_id)
         self.num_gen_batches = max_over_ranks(len(self.gen_batches), self.env.device)
-        template = split_batch_rows(self.template, self.tokenizer)[:1]
-        self.gen_template = collate_prompts(template, self.pad_id)
+        self.gen_template = collate_prompts(split_batch_rows(self.template, self.tokenizer, rows=[0]), self.pad_id)
         self.stop_ids = stop_token_ids(self.tokenizer)
         # A sharded lm_head weight is a DTensor: its shape is the global one.
         self.banned_ids = banned_token_ids(self.tokenizer, int(self.model.lm_head.weight.shape[0]))
