@@ -36,7 +36,6 @@ AUTO_ORDER = BACKENDS  # fastest first
 # windows into one varlen call (transformers' is_flash_attention_requested checks the name).
 TORCH_VARLEN_IMPL = "torch_flash_varlen"
 IMPLEMENTATIONS = {"flash_attn": "flash_attention_2", "torch_varlen": TORCH_VARLEN_IMPL, "sdpa": "sdpa"}
-VARLEN_IMPLEMENTATIONS = ("flash_attention_2", TORCH_VARLEN_IMPL)
 
 
 # --- backend selection ------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def packed_hidden_states(model, batch: dict) -> torch.Tensor:
     audio = model.encode_audio(batch.get("input_features"), batch.get("feature_attention_mask"))
     embeds = model.embed(batch["input_ids"], audio)
     extra = {}
-    if model.llm.config._attn_implementation in VARLEN_IMPLEMENTATIONS or "flash" in model.llm.config._attn_implementation:
+    if "flash" in model.llm.config._attn_implementation:  # flash-attn, torch varlen (and its reference)
         cu = batch["cu_seqlens"].to(embeds.device, torch.int32)
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seqlen"]),
                      max_length_k=int(batch["max_seqlen"]))

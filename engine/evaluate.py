@@ -34,7 +34,9 @@ Command line:
   ``data.val=...``), builds its model, loads its adapter (RUN_DIR/adapter unless --adapter),
   generates greedily in batches on the split's shards (all samples unless --max-samples) and
   writes predictions.jsonl (task, key, prediction, reference), eval.json (metrics per task)
-  and eval.md into RUN_DIR. Under torchrun the samples are split across ranks. Generation is
+  and eval.md into RUN_DIR. Under torchrun the samples are split across ranks
+  (``torchrun --nproc_per_node=2 -m engine.evaluate -- --run RUN_DIR``: the ``--`` keeps
+  torchrun from taking ``--run`` for an abbreviation of its own ``--run-path``). Generation is
   engine.validation's lockstep greedy decoding, the same code that validates during training.
 """
 from __future__ import annotations
@@ -473,7 +475,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m engine.evaluate",
-        description="Score predictions: WER/CER (asr), ROUGE (sum), accuracy/macro-F1 (did, ser).")
+        description=("Score predictions (from a file, or generated with a trained run): WER/CER (asr), "
+                     "ROUGE (sum), accuracy/macro-F1 (did, ser)."))
     # Each way of obtaining predictions is one option of this group and one branch in main().
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, metavar="FILE.jsonl",

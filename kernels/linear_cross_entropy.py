@@ -231,7 +231,10 @@ def linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, z_loss, l
     """
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     if chunk_rows is None:
-        bytes_per_logit = hidden.element_size() if use_triton else 4 + (hidden.element_size() % 4)
+        # triton: logits and dz share one buffer of the input dtype; reference: an fp32 chunk, plus
+        # the 16-bit GEMM output it was upcast from when the inputs are 16-bit.
+        element = hidden.element_size()
+        bytes_per_logit = element if use_triton else 4 + (element if element < 4 else 0)
         chunk_rows = choose_chunk_rows(num_tokens, hidden.shape[1], vocab, hidden.element_size(),
                                        bytes_per_logit, hidden.device)
     rows_fn = cross_entropy_rows_triton if use_triton else cross_entropy_rows_reference
@@ -367,7 +370,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, task_ids=Non
     impl = resolve_loss_impl(impl, hidden.device)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    hidden, labels = hidden.contiguous(), labels.contiguous()
+    hidden, labels = hidden.contiguous(), labels.long().contiguous()
     n_valid = (labels != ignore_index).sum()
     if impl == "naive":
         per_token = linear_cross_entropy_naive(hidden, weight, labels, ignore_index, z_loss, label_smoothing)

@@ -122,14 +122,16 @@ SWIGLU_BLOCK = 1024
 # The fused GEMM (LoRAFusion-style: the rank-r product starts the accumulator of the base GEMM).
 INTERPRETED_GEMM_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
 GEMM_GROUP_M = 8  # programs sweep 8 row-blocks per column-block so W tiles stay in L2
+# Below this many rows tuning cannot pay for its compilations (each config is compiled and
+# timed): small problems, as in the GPU tests, take the smallest tile config untuned.
+TUNE_MIN_ROWS = 1024
 
 if triton is not None:
     def _tile_configs(blocks):
         return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, k, w, s in blocks]
 
     # Hopper-sized tiles included (128 x 128, 8 warps); these kernels are memory-bound with r <= 64.
-    _CUDA_CONFIGS = _tile_configs([(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
-                                   (128, 128, 8, 3), (16, 256, 4, 4)])
+    _CUDA_CONFIGS = _tile_configs([(32, 128, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)])
 
     @triton.jit
     def _keep(seed, rows, col_start, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -158,7 +160,7 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * cols_n + cols[None, :], keep.to(tl.int8), mask=inside)
 
     @triton.jit
-    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, s_xm, s_xk, s_ar, s_ak, s_om, s_or, seed, p, out_scale,
+    def _lora_down_kernel(x_ptr, a_ptr, xa_ptr, M, K, R, s_xm, s_xk, s_ar, s_ak, s_om, s_or, seed, p, out_scale, rows_class,
                           HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """xa[M, R] = out_scale * (m * x) @ A^T; the dropped x is never written."""
@@ -179,7 +181,7 @@ if triton is not None:
                  mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
     @triton.jit
-    def _lora_dx_kernel(dx_ptr, gb_ptr, a_ptr, M, K, R, s_dm, s_dk, s_gm, s_gr, s_ar, s_ak, seed, p, out_scale,
+    def _lora_dx_kernel(dx_ptr, gb_ptr, a_ptr, M, K, R, s_dm, s_dk, s_gm, s_gr, s_ar, s_ak, seed, p, out_scale, rows_class,
                         HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """dx += out_scale * m * (gB @ A), in place: no [M, K] temporary."""
@@ -200,7 +202,7 @@ if triton is not None:
 
     @triton.jit
     def _lora_grad_a_kernel(part_ptr, gb_ptr, x_ptr, M, K, R, rows_per_split, s_gm, s_gr, s_xm, s_xk, seed, p,
-                            out_scale, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
+                            out_scale, rows_class, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """part[split, R, K] = out_scale * gB[rows]^T @ (m * x)[rows] over one chunk of rows."""
         cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -238,19 +240,29 @@ if triton is not None:
         tl.store(dg_ptr + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=offs < n)
         tl.store(du_ptr + offs, (dh * g * sig).to(du_ptr.dtype.element_ty), mask=offs < n)
 
-    _lora_down_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"])(_lora_down_kernel)
-    _lora_dx_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"],
-                                     restore_value=["dx_ptr"])(_lora_dx_kernel)
-    _lora_grad_a_tuned = triton.autotune(_CUDA_CONFIGS, key=["K", "BLOCK_R", "HAS_DROPOUT"])(_lora_grad_a_kernel)
+    # `rows_class` (0: fewer rows than TUNE_MIN_ROWS, 1: more; unused by the kernels) is in the
+    # tuning key, so a small first call does not fix the config of every later, large one.
+    def _untuned_when_small(configs, named_args, **kwargs):
+        if named_args["rows_class"]:
+            return configs
+        return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1), c.kwargs["BLOCK_K"]))]
 
-    # Hopper-sized GEMM tiles (as in Triton's matmul tutorial for sm90), plus smaller ones for N=512.
+    _PRUNE = {"early_config_prune": _untuned_when_small}
+    _TUNE_KEY = ["K", "BLOCK_R", "HAS_DROPOUT", "rows_class"]
+    _lora_down_tuned = triton.autotune(_CUDA_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_lora_down_kernel)
+    _lora_dx_tuned = triton.autotune(_CUDA_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE,
+                                     restore_value=["dx_ptr"])(_lora_dx_kernel)
+    _lora_grad_a_tuned = triton.autotune(_CUDA_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_lora_grad_a_kernel)
+
+    # Hopper-sized GEMM tiles (as in Triton's matmul tutorial for sm90), plus a smaller one for N=512.
+    # Few configs: each costs a compilation per kernel variant on a fresh machine.
     _GEMM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
                      for m, n, k, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-                                            (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+                                            (64, 128, 64, 4, 4)]]
 
     @triton.jit
     def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, bias_ptr, c_ptr, out_ptr, M, N, Kred, R,
-                          s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_rr, s_rn, s_cm, s_cn, s_om, s_on, seed, p, lora_scale,
+                          s_am, s_ak, s_bk, s_bn, s_lm, s_lr, s_rr, s_rn, s_cm, s_cn, s_om, s_on, seed, p, lora_scale, rows_class,
                           HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
                           BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -291,8 +303,8 @@ if triton is not None:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * s_om + cols[None, :] * s_on,
                  acc.to(out_ptr.dtype.element_ty), mask=inside)
 
-    _lora_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "Kred", "BLOCK_R", "HAS_C", "MASKED"])(
-        _lora_gemm_kernel)
+    _lora_gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "Kred", "BLOCK_R", "HAS_C", "MASKED", "rows_class"],
+                                       prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 
 
 def _require_triton():
@@ -306,6 +318,10 @@ def _launch(kernel, tuned, grid, device, *args, **constexprs):
         tuned[grid](*args, **constexprs)
     else:
         kernel[grid(INTERPRETED_BLOCKS)](*args, **constexprs, **INTERPRETED_BLOCKS)
+
+
+def _rows_class(rows: int) -> int:
+    return int(rows >= TUNE_MIN_ROWS)
 
 
 def _rank_block(rank: int) -> int:
@@ -326,7 +342,7 @@ def lora_down(x2d, lora_A, dropout_p, seed):
     flags, keep_scale = _dropout_args(dropout_p, seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _launch(_lora_down_kernel, _lora_down_tuned, grid, x2d.device, x2d, lora_A, xa, M, K, R, *x2d.stride(),
-            *lora_A.stride(), *xa.stride(), seed, dropout_p, keep_scale, IEEE=x2d.dtype == torch.float32,
+            *lora_A.stride(), *xa.stride(), seed, dropout_p, keep_scale, _rows_class(M), IEEE=x2d.dtype == torch.float32,
             BLOCK_R=_rank_block(R), **flags)
     return xa
 
@@ -339,7 +355,7 @@ def lora_add_dx(dx, gB, lora_A, scale, dropout_p, seed):
     flags, keep_scale = _dropout_args(dropout_p, seed)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
     _launch(_lora_dx_kernel, _lora_dx_tuned, grid, dx.device, dx, gB, lora_A, M, K, R, *dx.stride(), *gB.stride(),
-            *lora_A.stride(), seed, dropout_p, scale * keep_scale, IEEE=dx.dtype == torch.float32,
+            *lora_A.stride(), seed, dropout_p, scale * keep_scale, _rows_class(M), IEEE=dx.dtype == torch.float32,
             BLOCK_R=_rank_block(R), **flags)
     return dx
 
@@ -356,7 +372,7 @@ def lora_grad_A(gB, x2d, scale, dropout_p, seed, splits=None):
     flags, keep_scale = _dropout_args(dropout_p, seed)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
     _launch(_lora_grad_a_kernel, _lora_grad_a_tuned, grid, x2d.device, partial, gB, x2d, M, K, R, rows_per_split,
-            *gB.stride(), *x2d.stride(), seed, dropout_p, scale * keep_scale, IEEE=x2d.dtype == torch.float32,
+            *gB.stride(), *x2d.stride(), seed, dropout_p, scale * keep_scale, _rows_class(M), IEEE=x2d.dtype == torch.float32,
             BLOCK_R=_rank_block(R), **flags)
     return partial[0] if splits == 1 else partial.sum(0)
 
@@ -374,7 +390,8 @@ def lora_gemm(a, b, left, right, lora_scale, bias=None, accumulate=None, dropout
     c = accumulate if accumulate is not None else out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     args = (a, b, left, right, bias if bias is not None else out, c, out, M, N, Kred, R, *a.stride(), *b.stride(),
-            *left.stride(), *right.stride(), *c.stride(), *out.stride(), seed, dropout_p, lora_scale * keep_scale)
+            *left.stride(), *right.stride(), *c.stride(), *out.stride(), seed, dropout_p, lora_scale * keep_scale,
+            _rows_class(M))
     constexprs = dict(HAS_BIAS=bias is not None, HAS_C=accumulate is not None, MASKED=flags["HAS_DROPOUT"],
                       IEEE=a.dtype == torch.float32, BLOCK_R=_rank_block(R), GROUP_M=GEMM_GROUP_M)
     if a.device.type == "cuda":

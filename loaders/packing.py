@@ -78,6 +78,24 @@ def pack_examples(examples, max_tokens: int) -> list[list]:
     return rows
 
 
+def select_packed_row(lengths: list[int], budget: int) -> list[int]:
+    """Indices (into ``lengths``, oldest first) of one packed row from a waiting queue: index 0
+    (the oldest, so none waits forever), then the others longest first wherever they still fit
+    (first fit decreasing for one row). The packed counterpart of batching.select_micro_batch,
+    for the stream's lookahead queue."""
+    if not lengths:
+        raise PackingError("select_packed_row got an empty queue")
+    if lengths[0] > budget:
+        raise PackingError(f"the oldest waiting example has {lengths[0]} tokens, more than a packed row holds "
+                           f"({budget}); raise data.max_tokens_per_batch")
+    chosen, room = [0], budget - lengths[0]
+    for i in sorted(range(1, len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] <= room:
+            chosen.append(i)
+            room -= lengths[i]
+    return sorted(chosen)
+
+
 def collate_packed(examples, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
     """One packed row of ``examples`` (see the module docstring for the fields).
 
@@ -146,8 +164,21 @@ def token_slots(batch: dict) -> int:
 
 
 def packing_efficiency(batches) -> float:
-    """Real tokens / token slots over ``batches`` (padded or packed): 1.0 means no padding."""
+    """Real tokens / token slots over ``batches`` (padded or packed): 1.0 means no padding.
+
+    A packed row without tail padding scores 1.0 by construction; how full the rows are is
+    ``budget_fill``.
+    """
     slots = sum(token_slots(b) for b in batches)
     if slots == 0:
         raise ValueError("packing_efficiency needs at least one non-empty batch")
     return sum(int(b["num_tokens"]) for b in batches) / slots
+
+
+def budget_fill(batches, max_tokens: int) -> float:
+    """Real tokens / (batches x max_tokens): how much of each micro-batch's token budget
+    (data.max_tokens_per_batch) carries real tokens, padded or packed. Steps are sized by the
+    budget, so this is the share of a step's capacity that trains."""
+    if not batches or max_tokens <= 0:
+        raise ValueError("budget_fill needs at least one batch and max_tokens > 0")
+    return sum(int(b["num_tokens"]) for b in batches) / (len(batches) * max_tokens)

@@ -36,16 +36,15 @@ import sys
 
 import torch
 
-from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
-from loaders.stream import (
-    LABELLED_TASKS, ErrorCounter, ExampleSource, ProportionalSampler, SampleTooLong, check_enough_shards,
-    check_shards_exist, count_examples, expand_sources, iter_tar_samples, prepare_example,
-    source_weight,
-)
 from loaders.audio import AudioError
+from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
+from loaders.curriculum import SAMPLERS, ScheduleConfig
+from loaders.shards import (LABELLED_TASKS, check_enough_shards, check_shards_exist, count_examples_by_shard,
+                            expand_sources, iter_tar_samples, shard_order, sum_counts)
+from loaders.stream import ErrorCounter, ExampleSource, SampleTooLong, prepare_example, source_weight
 from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 log = logging.getLogger("loaders")
 
 
@@ -86,15 +85,10 @@ def resolve_sources(cfg, split: str) -> list[list[str]]:
 class ExampleProducer:
     """One slot's ExampleSource and Sampler; yields examples tagged for exact resume."""
 
-    def __init__(self, cfg, tokenizer, sources, data_counts, *, slot, num_slots, seed, worker,
-                 active_tasks, task_weights, sampler_factory=None):
-        self.cfg, self.worker = cfg, worker
-        weights = [source_weight(cfg, s) for s in range(len(sources))]
-        factory = sampler_factory or ProportionalSampler
-        self.sampler = factory(data_counts, weights, seed=seed, slot=slot, active_tasks=active_tasks,
-                               task_weights=task_weights)
+    def __init__(self, cfg, tokenizer, sources, data_counts, sampler, *, slot, num_slots, seed, worker):
+        self.cfg, self.worker, self.sampler = cfg, worker, sampler
         self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed,
-                                    max_rewind=getattr(self.sampler, "max_rewind", 0))
+                                    max_rewind=getattr(sampler, "max_rewind", 0))
         self.ordinal = 0
 
     def state_dict(self) -> dict:
@@ -107,9 +101,9 @@ class ExampleProducer:
         self.ordinal = state["ordinal"]
 
     def iterate(self, entry: dict | None):
-        """Examples from a saved entry (or the start). ``entry["switches"]`` lists task changes
-        as [after_ordinal, active_tasks, task_weights]: each applies from the first group that
-        starts after that ordinal, so a replay switches exactly where the original run did."""
+        """Examples from a saved entry (or the start). ``entry["switches"]`` lists stage changes
+        as [after_ordinal, active_tasks, task_weights, sampler]: each applies from the first group
+        that starts after that ordinal, so a replay switches exactly where the original run did."""
         skip, switches = set(), []
         if entry is not None:
             if entry["resume"] is not None:
@@ -117,11 +111,16 @@ class ExampleProducer:
             skip, switches = set(entry["skip"]), [list(s) for s in entry["switches"]]
         while True:
             while switches and self.ordinal > switches[0][0]:
-                _, active_tasks, task_weights = switches.pop(0)
-                self.sampler.set_tasks(active_tasks, task_weights)
+                _, active_tasks, task_weights, sampler = switches.pop(0)
+                if hasattr(self.sampler, "set_stage"):
+                    self.sampler.set_stage(active_tasks, task_weights, sampler)
+                else:
+                    self.sampler.set_tasks(active_tasks, task_weights)
             group_state, group_start = self.state_dict(), self.ordinal
             examples = self.sampler.next_examples(self.source, self.cfg.max_tokens_per_batch)
             counts = self.source.counts()
+            if hasattr(self.sampler, "counts"):
+                counts["sampler"] = self.sampler.counts()
             for example in examples:
                 ordinal = self.ordinal
                 self.ordinal += 1
@@ -147,11 +146,20 @@ def _keep_as_is(item):
     return item
 
 
+def _add_nested(total: dict, part: dict) -> None:
+    """total[task][label] += part[task][label]; a None (unknown) stays None."""
+    for task, per_label in part.items():
+        into = total.setdefault(task, {})
+        for label, n in per_label.items():
+            into[label] = None if n is None or into.get(label, 0) is None else into.get(label, 0) + n
+
+
 class TrainStream:
     """Endless token-budget micro-batches for one rank (see the module docstring)."""
 
     def __init__(self, cfg, tokenizer, *, rank: int, world_size: int, grad_accum: int, seed: int,
-                 active_tasks=None, task_weights=None, sampler_factory=None):
+                 active_tasks=None, task_weights=None, sampler: str = "random", schedule_cfg=None,
+                 sampler_factory=None):
         if not 0 <= rank < world_size or grad_accum < 1:
             raise ValueError(f"need 0 <= rank < world_size and grad_accum >= 1 (got {rank}, {world_size}, {grad_accum})")
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -165,29 +173,57 @@ class TrainStream:
         if cfg.weights and len(cfg.weights) != len(self.sources):
             raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(self.sources)} source(s) in "
                              "data.train; give one weight per source")
-        self.data_counts = {index: count_examples(urls) for index, urls in enumerate(self.sources)}
+        self.shard_counts = [count_examples_by_shard(urls) for urls in self.sources]
+        self.data_counts = {index: sum_counts(counts.values()) for index, counts in enumerate(self.shard_counts)}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
         self.task_weights = dict(task_weights or {})
+        self.sampler_name = sampler
+        self.schedule_cfg = schedule_cfg or ScheduleConfig()
         self.sampler_factory = sampler_factory
-        self._warned_samplers: set[str] = set()
+        if sampler_factory is None and sampler not in SAMPLERS:
+            raise ValueError(f"sampler {sampler!r}: expected one of {list(SAMPLERS)}")
+        self._restart_pending = False
         self._loader_iter = None
         self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
                      "counts_by_worker": [None] * self.num_producers, "used": 0, "used_tasks": {}, "steps": 0})
 
     # --- producers --------------------------------------------------------------------------
     def _make_producer(self, worker: int) -> ExampleProducer:
-        return ExampleProducer(self.cfg, self.tokenizer, self.sources, self.data_counts,
-                               slot=self.rank * self.num_producers + worker,
-                               num_slots=self.world_size * self.num_producers, seed=self.seed, worker=worker,
-                               active_tasks=self.active_tasks, task_weights=self.task_weights,
-                               sampler_factory=self.sampler_factory)
+        slot, num_slots = self.rank * self.num_producers + worker, self.world_size * self.num_producers
+        return ExampleProducer(self.cfg, self.tokenizer, self.sources, self.data_counts, self._make_sampler(slot),
+                               slot=slot, num_slots=num_slots, seed=self.seed, worker=worker)
+
+    def _make_sampler(self, slot: int):
+        weights = [source_weight(self.cfg, s) for s in range(len(self.sources))]
+        if self.sampler_factory is not None:
+            return self.sampler_factory(self.data_counts, weights, seed=self.seed, slot=slot,
+                                        active_tasks=self.active_tasks, task_weights=self.task_weights)
+        from loaders.ads import natural_counts_from_data_counts, stream_counts
+        from loaders.sampling import StageSampler
+
+        mixing: dict = {}
+        for source, counts in self.data_counts.items():
+            for stream, n in stream_counts(counts["tasks"], counts["labels"]).items():
+                mixing[stream] = mixing.get(stream, 0.0) + weights[source] * n
+        # This slot's shards of the first epoch: what "every sample once" means for repeats.
+        num_slots = self.world_size * self.num_producers
+        slot_counts = sum_counts(self.shard_counts[s][url] for s, urls in enumerate(self.sources)
+                                 for url in shard_order(urls, self.seed, 0)[slot::num_slots])
+        return StageSampler(token_budget=self.cfg.max_tokens_per_batch, mixing_counts=mixing,
+                            label_counts=natural_counts_from_data_counts(self.data_counts),
+                            natural_counts=stream_counts(slot_counts["tasks"], slot_counts["labels"]),
+                            labels={task: list(getattr(self.cfg, field)) for task, field in LABELLED_TASKS.items()},
+                            config=self.schedule_cfg, seed=[self.seed, slot], active_tasks=self.active_tasks,
+                            task_weights=self.task_weights, sampler=self.sampler_name)
 
     def _start(self, state: dict) -> None:
         self.close()
         self.entries = state["workers"]
         self.counts_by_worker = list(state["counts_by_worker"])
         self.used, self.used_tasks, self.steps = state["used"], dict(state["used_tasks"]), state["steps"]
+        self.used_labels = {task: dict(v) for task, v in state.get("used_labels", {}).items()}
+        self.used_embeddings = dict(state.get("used_embeddings", {"stored": 0, "fallback": 0}))
         self.last_pulled = [e["last"] if e else -1 for e in self.entries]
         self.switches = [list(e["switches"]) if e else [] for e in self.entries]
         self._last_example = [None] * self.num_producers
@@ -229,6 +265,7 @@ class TrainStream:
         return example
 
     def _pull(self):
+        self._apply_switches()
         example = self._pull_from(self.next_worker)
         self.next_worker = (self.next_worker + 1) % self.num_producers
         return example
@@ -236,6 +273,7 @@ class TrainStream:
     # --- steps ------------------------------------------------------------------------------
     def next_step(self) -> list[dict]:
         """Exactly grad_accum micro-batches, each within data.max_tokens_per_batch padded slots."""
+        self._apply_switches()
         budget = self.cfg.max_tokens_per_batch
         micro_batches = []
         for _ in range(self.grad_accum):
@@ -247,30 +285,55 @@ class TrainStream:
             self.queue = [e for i, e in enumerate(self.queue) if i not in chosen_set]
             assert padded_cost([e.num_tokens for e in examples]) <= budget  # select_micro_batch guarantees it
             for e in examples:
-                self.used_tasks[e.task] = self.used_tasks.get(e.task, 0) + 1
+                self._count_used(e)
             self.used += len(examples)
             micro_batches.append(collate(examples, self.pad_token_id))
         self.steps += 1
         return micro_batches
 
+    def _count_used(self, example) -> None:
+        self.used_tasks[example.task] = self.used_tasks.get(example.task, 0) + 1
+        if example.label is not None:
+            per_label = self.used_labels.setdefault(example.task, {})
+            per_label[example.label] = per_label.get(example.label, 0) + 1
+        if example.embedding_stored is not None:
+            kind = "stored" if example.embedding_stored else "fallback"
+            self.used_embeddings[kind] = self.used_embeddings.get(kind, 0) + 1
+
     def set_tasks(self, active_tasks, task_weights=None) -> None:
-        """Switch the mix (curriculum stage). Waiting examples of dropped tasks are still used."""
-        active_tasks, task_weights = list(active_tasks), dict(task_weights or {})
-        for worker in range(self.num_producers):
-            self.switches[worker].append([self.last_pulled[worker], active_tasks, task_weights])
-        state = self.state_dict()
-        state["active_tasks"], state["task_weights"] = active_tasks, task_weights
-        self.load_state_dict(state)
+        """Switch the mix (curriculum stage). Waiting examples of dropped tasks are still used;
+        samples a sampler holds for a dropped task wait for a stage with that task."""
+        self.active_tasks, self.task_weights = list(active_tasks), dict(task_weights or {})
+        self._record_switch()
 
     def set_sampler(self, name: str) -> None:
-        """The schedule's sampler name for the coming stage. Only "random" (natural mixing,
-        ProportionalSampler) is built in; another sampler plugs in through sampler_factory at
-        construction. An unknown name is reported loudly, not silently replaced."""
-        current = getattr(self.sampler_factory, "sampler_name", "random")
-        if name != current and name not in self._warned_samplers:
-            self._warned_samplers.add(name)
-            log.warning("the schedule asks for sampler %r but this TrainStream draws with %r; pass "
-                        "sampler_factory=<%s sampler> to TrainStream to use it", name, current, name)
+        """The stage's sampler: "random" (natural mixing) or "ads" (aligner-based diverse
+        sampling, settings from schedule_cfg). Applies from the next group of examples drawn."""
+        if self.sampler_factory is not None:
+            raise ValueError(f"set_sampler({name!r}): this TrainStream draws with a custom sampler_factory; "
+                             "build it without one to switch between the built-in samplers")
+        if name not in SAMPLERS:
+            raise ValueError(f"sampler {name!r}: expected one of {list(SAMPLERS)} (schedule stage 'sampler')")
+        if name != self.sampler_name:
+            self.sampler_name = name
+            self._record_switch()
+
+    def _record_switch(self) -> None:
+        """Each producer switches after the last example taken from it; switches recorded at the
+        same point (set_tasks then set_sampler) become one. Producers restart lazily (one
+        restart for both calls): the restart replays exactly, like a resume."""
+        for worker in range(self.num_producers):
+            switch = [self.last_pulled[worker], list(self.active_tasks), dict(self.task_weights), self.sampler_name]
+            if self.switches[worker] and self.switches[worker][-1][0] == switch[0]:
+                self.switches[worker][-1] = switch
+            else:
+                self.switches[worker].append(switch)
+        self._restart_pending = True
+
+    def _apply_switches(self) -> None:
+        if self._restart_pending:
+            self._restart_pending = False
+            self.load_state_dict(self.state_dict())
 
     # --- state ------------------------------------------------------------------------------
     def _worker_entry(self, worker: int):
@@ -304,6 +367,8 @@ class TrainStream:
             "queue": [list(e.origin) for e in self.queue], "next_worker": self.next_worker,
             "counts_by_worker": copy.deepcopy(self.counts_by_worker),
             "used": self.used, "used_tasks": dict(self.used_tasks), "steps": self.steps,
+            "used_labels": copy.deepcopy(self.used_labels), "used_embeddings": dict(self.used_embeddings),
+            "sampler": self.sampler_name,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,14 +378,24 @@ class TrainStream:
             raise ValueError(f"loader state was saved with rank, world_size, num_workers, seed = {saved} but this "
                              f"stream has "
                              f"{expected}; resume with the same values (the shard split depends on them)")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} cannot be resumed by this loader (version "
+                             f"{STATE_VERSION}); resume with the code that wrote the checkpoint or start a new run")
         self.active_tasks, self.task_weights = list(state["active_tasks"]), dict(state["task_weights"])
+        self.sampler_name = state["sampler"]
+        self._restart_pending = False
         self._start(state)
 
     # --- counts -----------------------------------------------------------------------------
     def counts(self) -> dict:
-        """{"read", "used", "pending", "skipped": {reason: n}, "epoch", "tasks": {task: used}};
-        read == used + pending + sum(skipped)."""
+        """Cumulative counts for metrics: {"read", "used", "pending", "skipped": {reason: n},
+        "epoch", "tasks": {task: used}, "labels": {"did"/"ser": {label: used}}, "draws" and
+        "repeats" ({task: {label or "all": n}}: samples read by the sampler, and reads beyond the
+        slot's shards' natural count), "embedding_hit_rate" (share of ADS-embedded examples used
+        that had a stored aligner vector; None before any), "sampler"}.
+        read == used + pending + sum(skipped); pending includes samples held by the sampler."""
         read, skipped, pending, epoch = 0, {}, len(self.queue), 0
+        draws, repeats = {}, {}
         for worker, c in enumerate(self.counts_by_worker):
             if c is None:
                 continue
@@ -329,8 +404,16 @@ class TrainStream:
                 skipped[reason] = skipped.get(reason, 0) + n
             pending += c["buffered"] + (c["group_end"] - self.last_pulled[worker])
             epoch = max(epoch, c["epoch"])
+            sampler = c.get("sampler", {})
+            pending += sampler.get("pending", 0)
+            _add_nested(draws, sampler.get("draws", {}))
+            _add_nested(repeats, sampler.get("repeats", {}))
+        embedded = self.used_embeddings.get("stored", 0) + self.used_embeddings.get("fallback", 0)
         return {"read": read, "used": self.used, "pending": pending, "skipped": skipped, "epoch": epoch,
-                "tasks": dict(self.used_tasks)}
+                "tasks": dict(self.used_tasks), "labels": copy.deepcopy(self.used_labels), "draws": draws,
+                "repeats": repeats, "embeddings": dict(self.used_embeddings),
+                "embedding_hit_rate": self.used_embeddings.get("stored", 0) / embedded if embedded else None,
+                "sampler": self.sampler_name}
 
     def close(self) -> None:
         self._loader_iter = None  # DataLoader workers exit when their iterator is collected

@@ -50,11 +50,8 @@ shuffle blocks).
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import os
 import random
-import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -64,7 +61,8 @@ import numpy as np
 from loaders.audio import TARGET_SAMPLE_RATE, AudioError, decode_audio, probe_duration
 from loaders.features import log_mel, num_frames
 from loaders.prompts import audio_token_count, build_prompt_ids, instruction_language, instruction_text, target_token_count
-from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
+from loaders.shards import LABELLED_TASKS, RawSample, ShardError, iter_tar_samples, shard_order
+from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record
 
 log = logging.getLogger("loaders")
 
@@ -73,252 +71,6 @@ SKIP_REASONS = (
     "unknown_task", "label_outside_set", "undecodable_audio", "empty_audio", "audio_too_long",
     "text_too_long", "too_long_for_batch",
 )
-LABELLED_TASKS = {"did": "dialects", "ser": "emotions"}
-
-
-# --- shards ---------------------------------------------------------------------------------
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3", "oga", "aiff", "aif")
-TAR_BLOCK = 512
-INDEX_FILE = "shards.json"
-
-
-class ShardError(ValueError):
-    """A shard list that cannot be trained on (missing files, too few shards for the slots)."""
-
-
-def expand_urls(spec) -> list[str]:
-    """Brace notation (``a-{000..007}.tar``, ``{a,b}``) and whitespace-separated URLs -> list."""
-    import braceexpand
-
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    urls = []
-    for entry in specs:
-        for word in str(entry).split():
-            urls.extend(braceexpand.braceexpand(word))
-    return urls
-
-
-def expand_sources(spec) -> list[list[str]]:
-    """One URL list per source. A string or a flat list of URLs is one source; a list of lists
-    (or of lists and strings) is several sources, one per entry."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not any(isinstance(entry, (list, tuple)) for entry in specs):
-        return [expand_urls(specs)]
-    return [expand_urls(entry) for entry in specs]
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def check_shards_exist(urls: list[str], config_key: str) -> None:
-    """Fail before training if a local shard is missing, naming them and the config key."""
-    if not urls:
-        raise ShardError(f"{config_key} names no shards; give shard URLs, e.g. data/x/train-{{000000..000007}}.tar")
-    missing = [u for u in urls if (_is_local(u) or u.startswith("file://")) and not os.path.isfile(local_path(u))]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ShardError(f"{config_key}: {len(missing)} of {len(urls)} shard(s) do not exist: {shown}. "
-                         "Check the path and brace range, or build shards with python -m loaders.make_shards")
-
-
-def check_enough_shards(urls: list[str], num_slots: int, world_size: int, num_workers: int, config_key: str) -> None:
-    if len(urls) < num_slots:
-        raise ShardError(
-            f"{config_key} has {len(urls)} shard(s) but {world_size} rank(s) x {max(1, num_workers)} worker(s) "
-            f"need at least {num_slots} so every sample is read exactly once per epoch; write more, smaller shards "
-            "(make_shards --max-count) or lower data.num_workers")
-
-
-def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """The epoch's shard order: a seeded permutation, the same on every rank and worker."""
-    order = list(urls)
-    random.Random(zlib.crc32(f"shards/{seed}/{epoch}".encode())).shuffle(order)
-    return order
-
-
-@dataclass
-class RawSample:
-    shard: str
-    key: str
-    index: int  # position of the sample in its shard
-    meta: dict | None = None
-    audio: bytes | None = None
-    error: tuple[str, str] | None = None  # (reason, message)
-
-    @property
-    def where(self) -> str:
-        return f"shard {self.shard}, sample {self.key!r}"
-
-
-def _open_stream(url: str):
-    if _is_local(url) or url.startswith("file://"):
-        stream = open(local_path(url), "rb")
-    else:
-        import webdataset
-
-        stream = webdataset.gopen(url, "rb")
-    if url.endswith((".tar.gz", ".tgz")):
-        import gzip
-
-        return gzip.GzipFile(fileobj=stream, mode="rb")
-    return stream
-
-
-def _read_exact(stream, n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _pax_path(data: bytes) -> str | None:
-    for record in data.decode("utf-8", "replace").splitlines():
-        _, _, keyvalue = record.partition(" ")
-        if keyvalue.startswith("path="):
-            return keyvalue[len("path="):]
-    return None
-
-
-def iter_tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular member. Raises ShardError on a corrupt or truncated tar."""
-    offset, long_name = 0, None
-    while True:
-        header = _read_exact(stream, TAR_BLOCK)
-        if not header or header == b"\0" * TAR_BLOCK:
-            return
-        if len(header) < TAR_BLOCK:
-            raise ShardError(f"truncated tar header at byte {offset}")
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise ShardError(f"corrupt tar header at byte {offset} ({exc})") from None
-        padded = -(-info.size // TAR_BLOCK) * TAR_BLOCK
-        data = _read_exact(stream, padded)
-        if len(data) < info.size:
-            raise ShardError(f"member {info.name!r} is truncated ({len(data)} of {info.size} bytes)")
-        data, offset = data[: info.size], offset + TAR_BLOCK + padded
-        if info.type == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue
-        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
-            long_name = _pax_path(data) or long_name
-            continue
-        name, long_name = long_name or info.name, None
-        if info.isreg():
-            yield name, data
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _make_sample(url: str, key: str, index: int, files: dict[str, bytes]) -> RawSample:
-    sample = RawSample(url, key, index)
-    audio_ext = next((e for e in files if e.rpartition(".")[2] in AUDIO_EXTENSIONS), None)
-    if "json" not in files:
-        reason = "audio_without_json" if audio_ext else "malformed_json"
-        sample.error = (reason, f"{sample.where}: no {key}.json beside {sorted(files)}; every sample needs one")
-        return sample
-    try:
-        sample.meta = json.loads(files["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        sample.error = ("malformed_json", f"{sample.where}: {key}.json is not valid UTF-8 JSON ({exc})")
-        return sample
-    if not isinstance(sample.meta, dict):
-        sample.error = ("malformed_json", f"{sample.where}: {key}.json must hold an object, not "
-                        f"{type(sample.meta).__name__}")
-    elif audio_ext is None:
-        sample.error = ("json_without_audio", f"{sample.where}: no audio file ({'/'.join(AUDIO_EXTENSIONS)}) "
-                        f"beside {key}.json")
-    else:
-        sample.audio = files[audio_ext]
-    return sample
-
-
-def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
-    """Samples of one shard (members grouped by key, in order), from sample ``skip`` on.
-
-    A corrupt tar ends the shard with one RawSample whose error is "corrupt_tar": the rest of
-    the shard cannot be located in a stream.
-    """
-    index, key, files = 0, None, {}
-    with _open_stream(url) as stream:
-        try:  # OSError/EOFError: a damaged gzip layer
-            for name, data in iter_tar_members(stream, url):
-                member_key, ext = _split_name(name)
-                if key is not None and member_key != key:
-                    if index >= skip:
-                        yield _make_sample(url, key, index, files)
-                    index, files = index + 1, {}
-                key = member_key
-                files[ext] = data
-        except (ShardError, OSError, EOFError) as exc:
-            if key is not None:  # the members read before the damage are whole
-                if index >= skip:
-                    yield _make_sample(url, key, index, files)
-                index += 1
-            if index >= skip:
-                last = f" after sample {key!r}" if key else ""
-                yield RawSample(url, key or "?", index, error=("corrupt_tar", f"shard {url}: {exc}{last}; the rest "
-                                                                              "of this shard is skipped; rewrite it"))
-            return
-        if key is not None and index >= skip:
-            yield _make_sample(url, key, index, files)
-
-
-def count_examples(urls: list[str]) -> dict:
-    """{"tasks": {task: n}, "labels": {task: {label: n}}} from shards.json, else a JSON-only scan."""
-    tasks, labels = {t: 0 for t in TASKS}, {t: {} for t in LABELLED_TASKS}
-    indexes: dict[str, dict] = {}
-    scanned = 0
-    for url in urls:
-        folder = os.path.dirname(local_path(url)) if _is_local(url) or url.startswith("file://") else None
-        if folder is not None and folder not in indexes:
-            path = os.path.join(folder, INDEX_FILE)
-            indexes[folder] = json.load(open(path)).get("shards", {}) if os.path.isfile(path) else {}
-        entry = indexes.get(folder, {}).get(os.path.basename(local_path(url))) if folder is not None else None
-        if entry is None:
-            if scanned == 0:
-                log.warning("no %s entry for shard %s (and maybe others): counting examples from the shards' JSON "
-                            "(write %s with python -m loaders.make_shards to skip this scan)", INDEX_FILE, url, INDEX_FILE)
-            scanned += 1
-            entry = _scan_shard(url)
-        for task, n in entry.get("tasks", {}).items():
-            tasks[task] = tasks.get(task, 0) + n
-        for task, per_label in entry.get("labels", {}).items():
-            for label, n in per_label.items():
-                labels.setdefault(task, {})[label] = labels.setdefault(task, {}).get(label, 0) + n
-    return {"tasks": tasks, "labels": labels}
-
-
-def _scan_shard(url: str) -> dict:
-    """Counts of one shard read from its JSON only (no audio decoded)."""
-    tasks, labels = {}, {t: {} for t in LABELLED_TASKS}
-    for sample in iter_tar_samples(url):
-        if sample.error is not None:
-            continue
-        try:
-            record_tasks = tasks_of_record(sample.meta)
-        except UnknownTaskError:
-            continue
-        for task in record_tasks:
-            tasks[task] = tasks.get(task, 0) + 1
-            if task in LABELLED_TASKS:
-                value = str(sample.meta[TARGET_FIELDS[task]]).strip()
-                labels[task][value] = labels[task].get(value, 0) + 1
-    return {"tasks": tasks, "labels": labels}
 
 
 class DataError(ValueError):
@@ -337,6 +89,7 @@ class Example:
     features: np.ndarray  # [128, F] float32
     audio_seconds: float
     origin: tuple = ()  # (worker, ordinal) set by the producer; used for exact resume
+    embedding_stored: bool | None = None  # ADS only: True = stored aligner vector, False = fallback
 
     @property
     def num_tokens(self) -> int:
@@ -370,8 +123,10 @@ class ErrorCounter:
         self.seen = {entry for entry in self.seen if entry[0] >= min_epoch}
 
 
-def stream_name(source: int, task: str, label: str | None) -> str:
-    return f"{source}/{task}/{label or '*'}"
+def stream_name(source: int | None, task: str, label: str | None) -> str:
+    """"0/did/egy": one source's reader; with source None, "did/egy": the stream over all sources."""
+    name = f"{task}/{label or '*'}"
+    return name if source is None else f"{source}/{name}"
 
 
 class StreamReader:
@@ -545,7 +300,10 @@ class ExampleSource:
                  seed: int, max_rewind: int = 0):
         self.sources, self.cfg, self.tokenizer = sources, cfg, tokenizer
         self.max_rewind = max_rewind  # how many examples per stream rewind() may step back
-        self.pull_history: dict[str, collections.deque] = {}  # reader.taken before each recent pull
+        # Per pulled stream "task/label": (source, reader.taken before the pull) of recent pulls,
+        # and the sources that the next pulls after a rewind must read again, in order.
+        self.pull_history: dict[str, collections.deque] = {}
+        self.replay_sources: dict[str, collections.deque] = {}
         self.data_counts = data_counts  # {source: {"tasks": {task: n}, "labels": {task: {label: n}}}}
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
         self.errors = ErrorCounter(cfg.on_error)
@@ -562,18 +320,24 @@ class ExampleSource:
                 seed=self.seed, block_size=self.cfg.shuffle_buffer, errors=self.errors, strict=self.cfg.strict)
         return self.readers[name]
 
-    def _choose_source(self, task: str) -> int:
+    def _choose_source(self, task: str, label: str | None) -> int:
         if len(self.sources) == 1:
             return 0
-        weights = [source_weight(self.cfg, s) * self.data_counts[s]["tasks"].get(task, 0)
+        weights = [source_weight(self.cfg, s) * (self.data_counts[s]["tasks"].get(task, 0) if label is None else
+                                                 self.data_counts[s]["labels"].get(task, {}).get(label, 0))
                    for s in range(len(self.sources))]
         if sum(weights) <= 0:
-            raise ValueError(f"no source holds examples of task {task!r}")
+            raise ValueError(f"no source holds examples of task {task!r}" + (f" labelled {label!r}" if label else ""))
         return int(self.rng.choice(len(weights), p=np.asarray(weights) / sum(weights)))
 
     def pull(self, task: str, label: str | None = None, source: int | None = None) -> Example:
-        """The next good example of this stream; bad samples are skipped and counted on the way."""
-        source = self._choose_source(task) if source is None else source
+        """The next good example of this stream; bad samples are skipped and counted on the way.
+        With several sources and ``source`` None, the source is drawn by weight (after a rewind:
+        the sources of the pulls being repeated, in order)."""
+        logical = stream_name(None, task, label)
+        if source is None:
+            replay = self.replay_sources.get(logical)
+            source = replay.popleft() if replay else self._choose_source(task, label)
         reader = self._reader(source, task, label)
         taken_before = reader.taken
         while True:
@@ -589,33 +353,49 @@ class ExampleSource:
             if not replaying:
                 self.emitted += 1
             if self.max_rewind:
-                self._remember_pull(reader, taken_before)
+                self._remember_pull(logical, source, taken_before)
             else:
                 reader.trim_history(reader.taken)
             return example
 
-    def _remember_pull(self, reader: StreamReader, taken_before: int) -> None:
-        history = self.pull_history.setdefault(reader.name, collections.deque())
-        history.append(taken_before)
-        while len(history) > self.max_rewind:
-            history.popleft()
-        reader.trim_history(history[0])
+    def _remember_pull(self, logical: str, source: int, taken_before: int) -> None:
+        history = self.pull_history.setdefault(logical, collections.deque())
+        history.append((source, taken_before))
+        self.keep_history(logical, self.max_rewind)
 
-    def rewind(self, task: str, label: str | None = None, n: int = 1, source: int = 0) -> None:
+    def keep_history(self, logical: str, n: int) -> None:
+        """Remember only the last ``n`` pulls of stream ``logical`` ("task/label", see
+        stream_name(None, ...)): a sampler that knows how far back its pending examples reach
+        calls this so that saved states stay small."""
+        history = self.pull_history.get(logical)
+        if history is None:
+            return
+        while len(history) > min(n, self.max_rewind):
+            history.popleft()
+        task, label = logical.split("/")
+        for source in range(len(self.sources)):
+            reader = self.readers.get(stream_name(source, task, None if label == "*" else label))
+            if reader is not None:
+                oldest = next((taken for s, taken in history if s == source), reader.taken)
+                reader.trim_history(oldest)
+
+    def rewind(self, task: str, label: str | None = None, n: int = 1) -> None:
         """Step a stream back by ``n`` pulled examples: the next ``n`` pulls return them again, in
-        the same order, without counting them again (for samplers that keep a candidate pool
-        and must re-read it on resume). At most ``max_rewind`` examples back."""
-        name = stream_name(source, task, label)
-        history = self.pull_history.get(name, collections.deque())
+        the same order and from the same sources, without counting them again (for samplers
+        that keep a candidate pool and must re-read it on resume). At most ``max_rewind`` back."""
+        logical = stream_name(None, task, label)
+        history = self.pull_history.get(logical, collections.deque())
         if n <= 0:
             return
         if n > len(history):
-            raise ValueError(f"stream {name}: cannot step back {n} examples; this source remembers the last "
+            raise ValueError(f"stream {logical}: cannot step back {n} examples; this source remembers the last "
                              f"{len(history)} (max_rewind={self.max_rewind})")
-        target = history[-n]
-        for _ in range(n):
-            history.pop()
-        self.readers[name].rewind_to(target)
+        undone = [history.pop() for _ in range(n)][::-1]
+        for source in sorted({s for s, _ in undone}):
+            first = next(taken for s, taken in undone if s == source)
+            self.readers[stream_name(source, task, label)].rewind_to(first)
+        pending = self.replay_sources.setdefault(logical, collections.deque())
+        pending.extendleft(reversed([s for s, _ in undone]))
 
     def counts(self) -> dict:
         epochs = [r.epoch for r in self.readers.values()]
@@ -627,13 +407,15 @@ class ExampleSource:
         # Records before the slowest reader's epoch cannot be met again: forget them.
         self.errors.prune(min((r.epoch for r in self.readers.values()), default=0))
         return {"readers": {name: r.state_dict() for name, r in self.readers.items()}, "emitted": self.emitted,
-                "pull_history": {name: list(h) for name, h in self.pull_history.items()},
+                "pull_history": {name: [list(p) for p in h] for name, h in self.pull_history.items()},
+                "replay_sources": {name: list(q) for name, q in self.replay_sources.items() if q},
                 "skipped": dict(self.errors.skipped), "seen": sorted(list(e) for e in self.errors.seen),
                 "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.emitted = state["emitted"]
-        self.pull_history = {name: collections.deque(h) for name, h in state["pull_history"].items()}
+        self.pull_history = {name: collections.deque(tuple(p) for p in h) for name, h in state["pull_history"].items()}
+        self.replay_sources = {name: collections.deque(q) for name, q in state.get("replay_sources", {}).items()}
         self.errors.skipped = dict(state["skipped"])
         self.errors.seen = {tuple(e) for e in state["seen"]}
         self.rng.bit_generator.state = state["rng"]
@@ -690,44 +472,3 @@ class Sampler(Protocol):
     def set_tasks(self, active_tasks, task_weights=None) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-class ProportionalSampler:
-    """Natural mixing: each example's task drawn with weight = its number of examples in the
-    data (over all sources, scaled by source weight) times ``task_weights[task]`` (default 1)."""
-
-    def __init__(self, data_counts: dict, source_weights: list[float], *, seed: int, slot: int,
-                 active_tasks=None, task_weights=None):
-        self.data_counts, self.source_weights = data_counts, source_weights
-        self.rng = np.random.default_rng([seed, slot, 11])
-        self.set_tasks(active_tasks, task_weights)
-
-    def set_tasks(self, active_tasks, task_weights=None) -> None:
-        self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
-        unknown = [t for t in self.active_tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
-        self.task_weights = dict(task_weights or {})
-        natural = {t: sum(w * self.data_counts[s]["tasks"].get(t, 0) for s, w in enumerate(self.source_weights))
-                   for t in self.active_tasks}
-        weights = np.asarray([natural[t] * float(self.task_weights.get(t, 1.0)) for t in self.active_tasks])
-        if weights.sum() <= 0:
-            raise ValueError(f"the data holds no examples of the active tasks {self.active_tasks}")
-        self.probabilities = weights / weights.sum()
-
-    def next_examples(self, source: ExampleSource, n_tokens_budget: int) -> list[Example]:
-        examples, tokens = [], 0
-        while tokens < n_tokens_budget:
-            task = self.active_tasks[int(self.rng.choice(len(self.active_tasks), p=self.probabilities))]
-            example = source.pull(task)
-            examples.append(example)
-            tokens += example.num_tokens
-        return examples
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "active_tasks": self.active_tasks,
-                "task_weights": self.task_weights}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_tasks(state["active_tasks"], state["task_weights"])
-        self.rng.bit_generator.state = state["rng"]

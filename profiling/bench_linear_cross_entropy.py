@@ -214,7 +214,8 @@ def add_ratios(rows, tflops):
 
 def print_table(rows):
     def fmt(value, spec):
-        return format(value, spec) if isinstance(value, float) else "-"
+        width = int(spec.split(".")[0])
+        return format(value, spec) if isinstance(value, float) else "-".rjust(width)
 
     print(f"{'variant':<10} {'T':>6} {'weight':<9} {'ms':>10} {'peak MiB':>9} {'mem/naive':>9} "
           f"{'t/liger':>8} {'t/gemm':>7} {'loss rel':>9}  status")

@@ -2,7 +2,8 @@
 # at the 7B thinker shapes (bf16, r=16, dropout 0 and 0.05, 4096/8192/16384 tokens) against PEFT
 # eager, the reference under torch.compile and the GEMM-only bound.
 # Meant to be sourced or run by profiling/gpu_check.sh from the repository root; about 4-6 minutes
-# on an H100 (most of it Triton autotuning and torch.compile on a fresh machine).
+# on an H100 by estimate, not yet measured (most of it Triton autotuning and torch.compile on a
+# fresh machine).
 #   PYTHON   interpreter (default: python)
 #   RUN_DIR  where the benchmark JSON goes (default: runs/gpu_check)
 PYTHON="${PYTHON:-python}"

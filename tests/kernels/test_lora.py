@@ -107,10 +107,11 @@ def test_bad_shapes_and_dropout_are_explained():
 
 
 # ----------------------------------------------------------------------------- dropout mask
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=(gpu, needs_cuda))])
 @pytest.mark.parametrize("seed", [0, 77, 2**31 - 5])
-def test_kernel_mask_equals_reference_mask(poisoned, seed):
-    kernel_mask = materialize_keep_mask(seed, 40, 130, 0.3, "cpu")
-    torch_mask = dropout_keep_mask(seed, 40, 130, 0.3, "cpu")
+def test_kernel_mask_equals_reference_mask(poisoned, seed, device):
+    kernel_mask = materialize_keep_mask(seed, 40, 130, 0.3, device)
+    torch_mask = dropout_keep_mask(seed, 40, 130, 0.3, device)
     assert torch.equal(kernel_mask, torch_mask), f"{(kernel_mask != torch_mask).sum()} elements differ"
 
 

@@ -10,7 +10,9 @@ import torch
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.config import DataConfig
 from loaders.demo_data import write_demo_shards
-from loaders.packing import NO_TASK, PackingError, collate_packed, pack_examples, packing_efficiency
+from loaders.batching import LOOKAHEAD_BATCHES
+from loaders.packing import (NO_TASK, PackingError, budget_fill, collate_packed, pack_examples, packing_efficiency,
+                             select_packed_row)
 from loaders.pipeline import build_val_batches
 from loaders.prompts import IGNORE_INDEX
 from loaders.stream import Example
@@ -123,3 +125,32 @@ def test_packing_efficiency_of_padded_and_packed_batches(demo_batches, tokenizer
     assert padded < 1.0
     with pytest.raises(ValueError, match="at least one"):
         packing_efficiency([])
+
+
+def test_rows_from_a_lookahead_queue_fill_the_budget(demo_batches):
+    """The stream's way: a queue refilled to LOOKAHEAD_BATCHES budgets, one row at a time."""
+    batches, cfg = demo_batches
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    budget = cfg.max_tokens_per_batch
+    rng = np.random.default_rng(0)
+    queue, rows = [], []
+    for _ in range(40):
+        while sum(queue) < LOOKAHEAD_BATCHES * budget:
+            queue.append(int(rng.choice(lengths)))
+        chosen = select_packed_row(queue, budget)
+        assert chosen[0] == 0  # the oldest always goes
+        row = [queue[i] for i in chosen]
+        assert sum(row) <= budget
+        rows.append({"num_tokens": sum(row), "input_ids": torch.zeros(1, sum(row))})
+        queue = [q for i, q in enumerate(queue) if i not in set(chosen)]
+    fill = budget_fill(rows, budget)
+    assert fill > 0.9, fill
+    assert packing_efficiency(rows) == 1.0
+    with pytest.raises(PackingError, match="4000 tokens.*max_tokens_per_batch"):
+        select_packed_row([4000, 10], budget)
+
+
+def test_budget_fill_of_the_padded_val_batches_is_what_they_carry(demo_batches):
+    batches, cfg = demo_batches
+    real = sum(b["num_tokens"] for b in batches)
+    assert budget_fill(batches, cfg.max_tokens_per_batch) == pytest.approx(real / (len(batches) * cfg.max_tokens_per_batch))

@@ -1,0 +1,284 @@
+"""Shard URLs and tar reading: brace expansion, existence checks, the per-epoch shard order,
+samples of a WebDataset tar (``<key>.json`` + ``<key>.<audio ext>``, members grouped by key)
+and the per-shard example counts (``shards.json`` index, else a JSON-only scan).
+
+A bad member never stops the stream: it comes out as a RawSample whose ``error`` says why
+(reason, message naming shard and key); the reader layer (loaders.stream) counts it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
+
+log = logging.getLogger("loaders")
+
+# Tasks with a closed label set, and the DataConfig field that holds it.
+LABELLED_TASKS = {"did": "dialects", "ser": "emotions"}
+
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3", "oga", "aiff", "aif")
+TAR_BLOCK = 512
+INDEX_FILE = "shards.json"
+
+
+class ShardError(ValueError):
+    """A shard list that cannot be trained on (missing files, too few shards for the slots)."""
+
+
+def expand_urls(spec) -> list[str]:
+    """Brace notation (``a-{000..007}.tar``, ``{a,b}``) and whitespace-separated URLs -> list."""
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls = []
+    for entry in specs:
+        for word in str(entry).split():
+            urls.extend(braceexpand.braceexpand(word))
+    return urls
+
+
+def expand_sources(spec) -> list[list[str]]:
+    """One URL list per source. A string or a flat list of URLs is one source; a list of lists
+    (or of lists and strings) is several sources, one per entry."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not any(isinstance(entry, (list, tuple)) for entry in specs):
+        return [expand_urls(specs)]
+    return [expand_urls(entry) for entry in specs]
+
+
+def is_local(url: str) -> bool:
+    """A plain filesystem path (not a URL, not a ``pipe:`` command)."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def check_shards_exist(urls: list[str], config_key: str) -> None:
+    """Fail before training if a local shard is missing, naming them and the config key."""
+    if not urls:
+        raise ShardError(f"{config_key} names no shards; give shard URLs, e.g. data/x/train-{{000000..000007}}.tar")
+    missing = [u for u in urls if (is_local(u) or u.startswith("file://")) and not os.path.isfile(local_path(u))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ShardError(f"{config_key}: {len(missing)} of {len(urls)} shard(s) do not exist: {shown}. "
+                         "Check the path and brace range, or build shards with python -m loaders.make_shards")
+
+
+def check_enough_shards(urls: list[str], num_slots: int, world_size: int, num_workers: int, config_key: str) -> None:
+    if len(urls) < num_slots:
+        raise ShardError(
+            f"{config_key} has {len(urls)} shard(s) but {world_size} rank(s) x {max(1, num_workers)} worker(s) "
+            f"need at least {num_slots} so every sample is read exactly once per epoch; write more, smaller shards "
+            "(make_shards --max-count) or lower data.num_workers")
+
+
+def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The epoch's shard order: a seeded permutation, the same on every rank and worker."""
+    order = list(urls)
+    random.Random(zlib.crc32(f"shards/{seed}/{epoch}".encode())).shuffle(order)
+    return order
+
+
+@dataclass
+class RawSample:
+    shard: str
+    key: str
+    index: int  # position of the sample in its shard
+    meta: dict | None = None
+    audio: bytes | None = None
+    error: tuple[str, str] | None = None  # (reason, message)
+
+    @property
+    def where(self) -> str:
+        return f"shard {self.shard}, sample {self.key!r}"
+
+
+def _open_stream(url: str):
+    if is_local(url) or url.startswith("file://"):
+        stream = open(local_path(url), "rb")
+    else:
+        import webdataset
+
+        stream = webdataset.gopen(url, "rb")
+    if url.endswith((".tar.gz", ".tgz")):
+        import gzip
+
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream
+
+
+def _read_exact(stream, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").splitlines():
+        _, _, keyvalue = record.partition(" ")
+        if keyvalue.startswith("path="):
+            return keyvalue[len("path="):]
+    return None
+
+
+def iter_tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular member. Raises ShardError on a corrupt or truncated tar."""
+    offset, long_name = 0, None
+    while True:
+        header = _read_exact(stream, TAR_BLOCK)
+        if not header or header == b"\0" * TAR_BLOCK:
+            return
+        if len(header) < TAR_BLOCK:
+            raise ShardError(f"truncated tar header at byte {offset}")
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise ShardError(f"corrupt tar header at byte {offset} ({exc})") from None
+        padded = -(-info.size // TAR_BLOCK) * TAR_BLOCK
+        data = _read_exact(stream, padded)
+        if len(data) < info.size:
+            raise ShardError(f"member {info.name!r} is truncated ({len(data)} of {info.size} bytes)")
+        data, offset = data[: info.size], offset + TAR_BLOCK + padded
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            long_name = _pax_path(data) or long_name
+            continue
+        name, long_name = long_name or info.name, None
+        if info.isreg():
+            yield name, data
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _make_sample(url: str, key: str, index: int, files: dict[str, bytes]) -> RawSample:
+    sample = RawSample(url, key, index)
+    audio_ext = next((e for e in files if e.rpartition(".")[2] in AUDIO_EXTENSIONS), None)
+    if "json" not in files:
+        reason = "audio_without_json" if audio_ext else "malformed_json"
+        sample.error = (reason, f"{sample.where}: no {key}.json beside {sorted(files)}; every sample needs one")
+        return sample
+    try:
+        sample.meta = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        sample.error = ("malformed_json", f"{sample.where}: {key}.json is not valid UTF-8 JSON ({exc})")
+        return sample
+    if not isinstance(sample.meta, dict):
+        sample.error = ("malformed_json", f"{sample.where}: {key}.json must hold an object, not "
+                        f"{type(sample.meta).__name__}")
+    elif audio_ext is None:
+        sample.error = ("json_without_audio", f"{sample.where}: no audio file ({'/'.join(AUDIO_EXTENSIONS)}) "
+                        f"beside {key}.json")
+    else:
+        sample.audio = files[audio_ext]
+    return sample
+
+
+def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
+    """Samples of one shard (members grouped by key, in order), from sample ``skip`` on.
+
+    A corrupt tar ends the shard with one RawSample whose error is "corrupt_tar": the rest of
+    the shard cannot be located in a stream.
+    """
+    index, key, files = 0, None, {}
+    with _open_stream(url) as stream:
+        try:  # OSError/EOFError: a damaged gzip layer
+            for name, data in iter_tar_members(stream, url):
+                member_key, ext = _split_name(name)
+                if key is not None and member_key != key:
+                    if index >= skip:
+                        yield _make_sample(url, key, index, files)
+                    index, files = index + 1, {}
+                key = member_key
+                files[ext] = data
+        except (ShardError, OSError, EOFError) as exc:
+            if key is not None:  # the members read before the damage are whole
+                if index >= skip:
+                    yield _make_sample(url, key, index, files)
+                index += 1
+            if index >= skip:
+                last = f" after sample {key!r}" if key else ""
+                yield RawSample(url, key or "?", index, error=("corrupt_tar", f"shard {url}: {exc}{last}; the rest "
+                                                                              "of this shard is skipped; rewrite it"))
+            return
+        if key is not None and index >= skip:
+            yield _make_sample(url, key, index, files)
+
+
+def count_examples_by_shard(urls: list[str]) -> dict[str, dict]:
+    """Per shard URL: {"tasks": {task: n}, "labels": {task: {label: n}}}, from shards.json beside
+    the shards, else a JSON-only scan of the shard (no audio decoded)."""
+    indexes: dict[str, dict] = {}
+    counts, scanned = {}, 0
+    for url in urls:
+        local = is_local(url) or url.startswith("file://")
+        folder = os.path.dirname(local_path(url)) if local else None
+        if folder is not None and folder not in indexes:
+            path = os.path.join(folder, INDEX_FILE)
+            indexes[folder] = json.load(open(path)).get("shards", {}) if os.path.isfile(path) else {}
+        entry = indexes.get(folder, {}).get(os.path.basename(local_path(url))) if folder is not None else None
+        if entry is None:
+            if scanned == 0:
+                log.warning("no %s entry for shard %s (and maybe others): counting examples from the shards' JSON "
+                            "(write %s with python -m loaders.make_shards to skip this scan)", INDEX_FILE, url, INDEX_FILE)
+            scanned += 1
+            entry = _scan_shard(url)
+        counts[url] = {"tasks": dict(entry.get("tasks", {})),
+                       "labels": {task: dict(per_label) for task, per_label in entry.get("labels", {}).items()}}
+    return counts
+
+
+def sum_counts(entries) -> dict:
+    """Sum of per-shard count entries -> {"tasks": {task: n}, "labels": {task: {label: n}}}."""
+    tasks, labels = {t: 0 for t in TASKS}, {t: {} for t in LABELLED_TASKS}
+    for entry in entries:
+        for task, n in entry.get("tasks", {}).items():
+            tasks[task] = tasks.get(task, 0) + n
+        for task, per_label in entry.get("labels", {}).items():
+            for label, n in per_label.items():
+                labels.setdefault(task, {})[label] = labels.setdefault(task, {}).get(label, 0) + n
+    return {"tasks": tasks, "labels": labels}
+
+
+def count_examples(urls: list[str]) -> dict:
+    """{"tasks": {task: n}, "labels": {task: {label: n}}} from shards.json, else a JSON-only scan."""
+    return sum_counts(count_examples_by_shard(urls).values())
+
+
+def _scan_shard(url: str) -> dict:
+    """Counts of one shard read from its JSON only (no audio decoded)."""
+    tasks, labels = {}, {t: {} for t in LABELLED_TASKS}
+    for sample in iter_tar_samples(url):
+        if sample.error is not None:
+            continue
+        try:
+            record_tasks = tasks_of_record(sample.meta)
+        except UnknownTaskError:
+            continue
+        for task in record_tasks:
+            tasks[task] = tasks.get(task, 0) + 1
+            if task in LABELLED_TASKS:
+                value = str(sample.meta[TARGET_FIELDS[task]]).strip()
+                labels[task][value] = labels[task].get(value, 0) + 1
+    return {"tasks": tasks, "labels": labels}
+

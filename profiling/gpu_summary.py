@@ -1,0 +1,125 @@
+"""The last table of profiling/gpu_check.sh: stage status and headline numbers from its JSON files.
+
+    python -m profiling.gpu_summary OUT_DIR
+
+Reads OUT_DIR/stages.jsonl (written by gpu_check.sh), bench_train.json (or bench_train_ckpt.json),
+bench_lora.json and bench_linear_cross_entropy.json where present, prints one short table and
+writes OUT_DIR/summary.json. A missing or unreadable file is named in the table, never fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_stages(out_dir: Path) -> list[dict]:
+    stages = []
+    try:
+        lines = (out_dir / "stages.jsonl").read_text().splitlines()
+    except OSError:
+        return stages
+    for line in lines:
+        try:
+            stages.append(json.loads(line))
+        except json.JSONDecodeError:
+            stages.append({"stage": "?", "status": "unreadable line", "rc": None, "seconds": None, "note": line[:60]})
+    return stages
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def bench_train_lines(out_dir: Path) -> list[tuple[str, str]]:
+    for name in ("bench_train.json", "bench_train_ckpt.json"):
+        report = read_json(out_dir / name)
+        if report is None:
+            continue
+        s, res, cmp_ = report["settings"], report["results"], report.get("comparison") or {}
+        tag = f"bench_train {s['preset']}{' (grad ckpt)' if s.get('gradient_checkpointing') else ''}"
+        failed = [v for v, r in res.items() if "error" in r]
+        if failed:
+            return [(tag, "failed: " + ", ".join(f"{v} {res[v]['error']}" for v in failed))]
+        ours, base = res["ours"], res["baseline"]
+        goals = cmp_.get("goals", {})
+
+        def goal(key):
+            g = goals.get(key)
+            return "" if not g or g["met"] is None else f" (goal {g['target']:g}: {'met' if g['met'] else 'not met'})"
+
+        mfu = f"{ours['mfu'] * 100:.1f}% vs {base['mfu'] * 100:.1f}%" if ours.get("mfu") is not None else "n/a (no peak known)"
+        return [(f"{tag} tokens/s ours | baseline", f"{ours['tokens_per_s']:,.0f} | {base['tokens_per_s']:,.0f}"),
+                (f"{tag} speed-up ours/baseline", fmt(cmp_.get("speedup"), ".2f", "x") + goal("speedup")),
+                (f"{tag} MFU ours vs baseline", mfu + goal("mfu")),
+                (f"{tag} peak GiB ours | baseline", f"{ours['peak_gib']:.1f} | {base['peak_gib']:.1f}, ratio "
+                 + fmt(cmp_.get("memory_ratio"), ".2f", "x") + goal("memory_ratio"))]
+    return [("bench_train", "no bench_train.json")]
+
+
+def lora_lines(out_dir: Path) -> list[tuple[str, str]]:
+    report = read_json(out_dir / "bench_lora.json")
+    if report is None:
+        return [("lora kernels", "no bench_lora.json")]
+    ours = [r for r in report.get("rows", []) if r.get("impl") == "ours"]
+    speedups = [r.get("speedup_vs_peft") for r in ours]
+    g = geomean(speedups)
+    spread = f" (min {min(speedups):.2f}, max {max(speedups):.2f}, {len(ours)} shapes)" if g else ""
+    return [("lora ours vs PEFT speed-up (geo-mean)", fmt(g, ".2f", "x") + spread)]
+
+
+def cross_entropy_lines(out_dir: Path) -> list[tuple[str, str]]:
+    report = read_json(out_dir / "bench_linear_cross_entropy.json")
+    if report is None:
+        return [("linear cross-entropy", "no bench_linear_cross_entropy.json")]
+    ours = [r for r in report.get("rows", []) if r.get("variant") == "ours"]
+    vs_liger = geomean([r.get("time_vs_liger") for r in ours])
+    mem = geomean([r.get("mem_vs_naive") for r in ours])
+    return [("linear CE ours time / Liger (geo-mean)", fmt(vs_liger, ".2f", "x")),
+            ("linear CE ours memory / naive (geo-mean)", fmt(mem, ".3f", "x"))]
+
+
+def summarize(out_dir: Path) -> tuple[str, dict]:
+    stages = read_stages(out_dir)
+    results = bench_train_lines(out_dir) + lora_lines(out_dir) + cross_entropy_lines(out_dir)
+    env = read_json(out_dir / "env.json") or {}
+    lines = [f"gpu_check summary: {env.get('device', '?')} | torch {env.get('torch', '?')} | {out_dir}",
+             f"{'stage':<22}{'status':<10}{'seconds':>8}  note"]
+    for s in stages:
+        secs = "" if s.get("seconds") is None else str(s["seconds"])
+        lines.append(f"{s.get('stage', '?'):<22}{s.get('status', '?'):<10}{secs:>8}  {s.get('note', '')}")
+    width = max(len(k) for k, _ in results) + 2
+    lines += [""] + [f"{key:<{width}}{value}" for key, value in results]
+    return "\n".join(lines), {"env": env, "stages": stages, "results": dict(results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="the folder gpu_check.sh wrote")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        print(f"gpu_summary: {out_dir} is not a folder; give the OUT_DIR of gpu_check.sh", file=sys.stderr)
+        return 2
+    table, data = summarize(out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(data, indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
