@@ -407,37 +407,30 @@ def _config_for_split(cfg, split: str):
     return cfg
 
 
-def generate_for_run(run_dir: Path, *, split: str, max_samples: int | None, adapter_dir: Path | None,
-                     overrides: Sequence[str] = ()) -> tuple[list[dict], bool]:
-    """Greedy predictions of the run's model + adapter on a split: (records, is main rank)."""
+def generate_with_run(cfg, env, run_dir: Path, adapter_dir: Path, *, split: str,
+                      max_samples: int | None) -> list[dict]:
+    """Greedy predictions of the run's model + adapter on a split (every rank gets them all)."""
     import torch
 
-    from engine.config import load_config
     from engine.lora import load_adapter_into
     from engine.model import build_model
-    from engine.parallel import apply_parallelism, close_distributed, init_distributed
+    from engine.parallel import apply_parallelism
     from engine.runner import build_tokenizer, resolve_impls
     from engine.validation import Validator
 
-    config_path, adapter_dir = check_run_folder(run_dir, adapter_dir)
-    cfg = _config_for_split(load_config(str(config_path), list(overrides)), split)
-    env = init_distributed()
-    try:
-        resolve_impls(cfg, env)
-        tokenizer = build_tokenizer(cfg)
-        model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
-        load_adapter_into(model, adapter_dir)  # into the unsharded model, before FSDP
-        apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
-        validator = Validator(cfg, env, model, tokenizer, max_generated=max_samples or sys.maxsize)
-        if not validator.enabled:
-            raise RunFolderError(f"{run_dir}: no {split} samples to evaluate ({validator.disabled_reason}); "
-                                 "give the shards with data.val=... after the run folder, or use --split train")
-        model.eval()
-        with torch.no_grad():
-            records, _ = validator.generate()
-        return records, env.is_main
-    finally:
-        close_distributed()
+    resolve_impls(cfg, env)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
+    load_adapter_into(model, adapter_dir)  # into the unsharded model, before FSDP
+    apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
+    validator = Validator(cfg, env, model, tokenizer, max_generated=max_samples or sys.maxsize)
+    if not validator.enabled:
+        raise RunFolderError(f"{run_dir}: nothing to evaluate on the {split} split ({validator.disabled_reason}); "
+                             "give shards with data.val=... after the run folder, or use --split train")
+    model.eval()
+    with torch.no_grad():
+        records, _ = validator.generate()
+    return records
 
 
 def write_run_evaluation(run_dir: Path, records: list[dict], metrics_by_task: dict[str, dict],
@@ -456,18 +449,27 @@ def write_run_evaluation(run_dir: Path, records: list[dict], metrics_by_task: di
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
     """--run: generate, score, write the files (main rank); returns the metrics there, else None."""
+    from engine.config import load_config
+    from engine.parallel import close_distributed, init_distributed
+
     if args.max_samples is not None and args.max_samples < 1:
         raise RunFolderError(f"--max-samples {args.max_samples}: give a positive number, or leave it out for all")
-    records, is_main = generate_for_run(args.run, split=args.split, max_samples=args.max_samples,
-                                        adapter_dir=args.adapter, overrides=args.overrides)
-    if not is_main:
-        return None
-    labels = closed_label_sets(args.dialects, args.emotions)
-    metrics_by_task = score_records([PredictionRecord(r["task"], r["prediction"], r["reference"])
-                                     for r in records], labels, taa_marbuta=args.taa_marbuta)
-    for path in write_run_evaluation(args.run, records, metrics_by_task, args.split):
-        print(f"wrote {path}", file=sys.stderr)
-    return metrics_by_task
+    config_path, adapter_dir = check_run_folder(args.run, args.adapter)
+    cfg = _config_for_split(load_config(str(config_path), list(args.overrides)), args.split)
+    env = init_distributed()
+    try:
+        records = generate_with_run(cfg, env, args.run, adapter_dir, split=args.split, max_samples=args.max_samples)
+        if not env.is_main:
+            return None
+        labels = closed_label_sets(args.dialects, args.emotions)
+        metrics_by_task = score_records([PredictionRecord(r["task"], r["prediction"], r["reference"])
+                                         for r in records], labels, taa_marbuta=args.taa_marbuta)
+        for path in write_run_evaluation(args.run, records, metrics_by_task, args.split):
+            print(f"wrote {path}", file=sys.stderr)
+        return metrics_by_task
+    finally:
+        # Every rank waits here until the main rank has written the files: ranks leave together.
+        close_distributed()
 
 
 # --- command line

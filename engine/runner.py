@@ -19,6 +19,7 @@ from engine.model import build_model, count_parameters
 from engine.parallel import DistEnv, apply_parallelism, close_distributed, init_distributed
 from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
 from engine.trainer import Trainer, write_summary
+from engine.validation import attach_validation, final_validation
 from kernels.linear_cross_entropy import resolve_loss_impl
 from kernels.lora import resolve_lora_impl
 
@@ -106,11 +107,13 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     for line in schedule.describe():
         say(env, f"schedule: {line}")
     trainer = Trainer(cfg, env, model, stream, schedule, out)
+    attach_validation(trainer, cfg, env, model, tokenizer)
     trainer.resume()
     with profiler_context(cfg, env, out) as prof:
         if prof is not None:
             trainer.hooks["profiler"] = prof
         summary = trainer.train()
+    summary["eval"] = final_validation(trainer)
     adapter_dir = out / "adapter"
     ckpt.export_adapter(adapter_dir, model, rank=env.rank, lora_cfg=cfg.lora, base_model=cfg.model.path or None)
     summary["adapter_dir"] = str(adapter_dir)

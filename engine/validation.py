@@ -257,8 +257,7 @@ class Validator:
         self.examples_per_rank = all_gather_objects(sum(len(b["keys"]) for b in self.batches))
         self.enabled = max(counts) > 0
         self.disabled_reason = None if self.enabled else (
-            "no validation data (data.val is empty while data.train is set, or every validation sample was "
-            "skipped); set data.val to validation shards to get eval rows")
+            "no validation data: data.val is empty while data.train is set, or every validation sample was skipped")
         if not self.enabled:
             return
         # A rank whose shards held no usable sample still has to run the same forwards: it
@@ -429,7 +428,8 @@ def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator
     validator = Validator(cfg, env, model, tokenizer)
     trainer.last_eval = None
     if not validator.enabled:
-        trainer.log(f"validation disabled: {validator.disabled_reason}")
+        trainer.log(f"validation disabled ({validator.disabled_reason}); set data.val to validation shards "
+                    "to get eval rows")
         return validator
     trainer.log(f"validation: {sum(validator.examples_per_rank)} examples (per rank {validator.examples_per_rank}), "
                 f"generation on {validator.n_generated}, every {cfg.eval.every or 'stage boundary'} "

@@ -14,7 +14,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # a NaN loss injected at step 2 so that the guard is exercised in every run.
 CLI_STEPS = 4
 CLI_SETTINGS = [f"max_steps={CLI_STEPS}", "checkpoint.every=2", "metrics.log_every=1", "debug.nonfinite_loss_at=[2]",
-                "data.max_tokens_per_batch=1024", "optim.lr=5e-3", "optim.warmup_steps=0", "metrics.progress_bar=false"]
+                "data.max_tokens_per_batch=1024", "optim.lr=5e-3", "optim.warmup_steps=0", "metrics.progress_bar=false",
+                "eval.max_samples=4", "eval.max_new_tokens=4"]
 
 
 def run_cli(args: list[str], nproc: int, log: Path, timeout: int = 600) -> subprocess.CompletedProcess:
