@@ -92,7 +92,10 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device)
     c0 = torch.arange(groups, device=device, dtype=torch.int64).repeat(rows)
     c1 = torch.arange(rows, device=device, dtype=torch.int64).repeat_interleave(groups)
     c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
-    k0, k1 = seed & mask32, (seed >> 32) & mask32
+    # The key as 0-d tensors, not Python ints: under torch.compile(dynamic=True) the seed is a
+    # symbolic int, and inductor cannot generate code for bitwise ops on those.
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+    k0, k1 = seed_t & mask32, (seed_t >> 32) & mask32
     for _ in range(10):  # triton.language.random.N_ROUNDS_DEFAULT
         prod_b, prod_a = c2 * 0xCD9E8D57, c0 * 0xD2511F53
         c0, c2 = ((prod_b >> 32) & mask32) ^ c1 ^ k0, ((prod_a >> 32) & mask32) ^ c3 ^ k1

@@ -86,6 +86,17 @@ def peft_layer(weight, lora_A, lora_B, dropout_p):
     return layer
 
 
+_COMPILED = {}
+
+
+def compiled_reference():
+    """One torch.compile of the reference, shared by all layers: weights are arguments and
+    shapes dynamic, so token counts and layers reuse it (compilations dominate the GPU run)."""
+    if "ref" not in _COMPILED:
+        _COMPILED["ref"] = torch.compile(lora_linear_reference, dynamic=True)
+    return _COMPILED["ref"]
+
+
 def single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen, with_ours):
     """name -> (fn(x) -> output)."""
     weight, lora_A, lora_B = make_params(k, n, device, dtype, gen)
@@ -95,9 +106,9 @@ def single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen, with_our
     if with_ours:
         for name, impl in OURS.items():
             cands[name] = lambda x, impl=impl: lora_linear(x, weight, lora_A, lora_B, scale, None, dropout_p, impl=impl)
-    ref = lambda x: lora_linear_reference(x, weight, lora_A, lora_B, scale, None, dropout_p, 1234)
-    # dynamic=True: one compilation serves every token count of this layer.
-    cands["compiled" if compile_ref else "reference"] = torch.compile(ref, dynamic=True) if compile_ref else ref
+    ref = compiled_reference() if compile_ref else lora_linear_reference
+    cands["compiled" if compile_ref else "reference"] = \
+        lambda x: ref(x, weight, lora_A, lora_B, scale, None, dropout_p, 1234)
     return cands
 
 
@@ -166,15 +177,13 @@ def measure(fn, x, device):
     return statistics.median(times), peak
 
 
-def run_case(rows, layer, k, tokens, dropout_p, cands, device, dtype, gen):
+def run_case(layer, k, tokens, dropout_p, cands, device, dtype, gen):
     x = torch.randn(tokens, k, generator=gen).to(device, dtype).requires_grad_()
     results = {name: measure(fn, x, device) for name, fn in cands.items()}
     bound_ms, peft_ms = results["gemm_bound"][0], results["peft"][0]
-    for name, (ms, peak) in results.items():
-        rows.append({"layer": layer, "tokens": tokens, "dropout": dropout_p, "impl": name, "ms": round(ms, 4),
-                     "peak_mib": None if peak is None else round(peak, 1),
-                     "x_gemm_bound": round(ms / bound_ms, 3), "speedup_vs_peft": round(peft_ms / ms, 3)})
-    del x
+    return [{"layer": layer, "tokens": tokens, "dropout": dropout_p, "impl": name, "ms": round(ms, 4),
+             "peak_mib": None if peak is None else round(peak, 1), "x_gemm_bound": round(ms / bound_ms, 3),
+             "speedup_vs_peft": round(peft_ms / ms, 3)} for name, (ms, peak) in results.items()]
 
 
 def print_table(rows, label):
@@ -224,6 +233,9 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     single = projections(shapes)
 
+    meta = {"time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
+            "device": device_name, "dtype": str(dtype)[6:], "rank": RANK, "shapes": json.dumps(shapes),
+            "torch": torch.__version__}
     rows = []
     for dropout_p in args.dropout:
         for layer in args.layers:
@@ -237,22 +249,26 @@ def main(argv=None):
             else:
                 parser.error(f"--layers: {layer!r} is not one of {[*single, 'qkv', 'mlp']}")
             for m in tokens:
-                run_case(rows, layer, k, m, dropout_p, cands, device, dtype, gen)
+                case = run_case(layer, k, m, dropout_p, cands, device, dtype, gen)
+                # Results are kept as they come, so a run cut short by a time limit still reports.
+                rows += case
+                append_csv(case, meta)
+                if args.json:
+                    write_json(args.json, meta, rows)
+                print(" ".join(f"{r['layer']}/{r['tokens']}/{r['dropout']}/{r['impl']}={r['ms']:.3f}ms" for r in case),
+                      flush=True)
             del cands
             if on_gpu:
                 torch.cuda.empty_cache()
 
     print_table(rows, label)
-    meta = {"time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
-            "device": device_name, "dtype": str(dtype)[6:], "rank": RANK, "shapes": json.dumps(shapes),
-            "torch": torch.__version__}
-    append_csv(rows, meta)
-    print(f"appended {len(rows)} rows to {RESULTS_CSV}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        print(f"wrote {args.json}")
+    print(f"appended {len(rows)} rows to {RESULTS_CSV}" + (f"; wrote {args.json}" if args.json else ""))
     return rows
+
+
+def write_json(path, meta, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
