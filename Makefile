@@ -22,6 +22,12 @@ endif
 
 .PHONY: install demo test compare clean-runs
 
+# `make compare`: the four schedules on the demo data for the same token budget, one process
+# each, then the comparison report (runs/compare/report/report.md and plots).
+COMPARE_TOKENS ?= 250000
+COMPARE_DIR ?= runs/compare
+COMPARE_ARGS ?= eval.max_samples=16
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +42,15 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q
+
+compare: install
+	for recipe in random tpc ads hybrid; do \
+		$(PY) engine/train.py --recipe $$recipe max_steps=0 max_tokens=$(COMPARE_TOKENS) \
+			output_dir=$(COMPARE_DIR)/$$recipe checkpoint.every=0 checkpoint.resume=never \
+			metrics.progress_bar=false $(COMPARE_ARGS) || exit 1; \
+	done
+	$(PY) -m engine.report $(COMPARE_DIR)/random $(COMPARE_DIR)/tpc $(COMPARE_DIR)/ads $(COMPARE_DIR)/hybrid \
+		--out $(COMPARE_DIR)/report
 
 clean-runs:
 	rm -rf runs

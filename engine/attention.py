@@ -6,6 +6,7 @@ Backends (`model.attn_backend`):
                 shipped with torch); CUDA only: on CPU torch has no kernel behind it
   sdpa          `scaled_dot_product_attention`; a packed row gets a block-diagonal causal mask
                 built by transformers from the position ids (CPU, tests)
+  eager         transformers' plain matmul-softmax attention (debugging; never chosen by auto)
   auto          the first available of flash_attn, torch_varlen, sdpa
 
 How a packed row stays per-sample:
@@ -29,13 +30,13 @@ from torch import nn
 
 log = logging.getLogger("omnitrain")
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
-AUTO_ORDER = BACKENDS  # fastest first
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa", "eager")
+AUTO_ORDER = ("flash_attn", "torch_varlen", "sdpa")  # fastest first
 # transformers' attention implementation names. The torch varlen one is ours, registered with
 # transformers' AttentionInterface on first use; "flash" in it routes the audio encoder's
 # windows into one varlen call (transformers' is_flash_attention_requested checks the name).
 TORCH_VARLEN_IMPL = "torch_flash_varlen"
-IMPLEMENTATIONS = {"flash_attn": "flash_attention_2", "torch_varlen": TORCH_VARLEN_IMPL, "sdpa": "sdpa"}
+IMPLEMENTATIONS = {"flash_attn": "flash_attention_2", "torch_varlen": TORCH_VARLEN_IMPL, "sdpa": "sdpa", "eager": "eager"}
 
 
 # --- backend selection ------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def available_backends(device: torch.device) -> list[str]:
         found.append("flash_attn")
     if device.type == "cuda" and torch_varlen_kernel() is not None:
         found.append("torch_varlen")
-    found.append("sdpa")
+    found += ["sdpa", "eager"]
     return found
 
 
@@ -109,13 +110,22 @@ def register_varlen_attention(name: str, kernel) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
 
 
+# FlashAttention kernels (flash-attn's and torch's varlen_attn) take 16-bit inputs only.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def make_varlen_attention(kernel):
+    needs_16_bit = kernel is torch_varlen_kernel()
+
     def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                  scaling: float | None = None, is_causal: bool | None = None,
                                  cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                                  position_ids=None, **kwargs):
         if dropout:
             raise ValueError(f"varlen attention has no attention dropout (got {dropout}); set it to 0 in the config")
+        if needs_16_bit and query.dtype not in FLASH_DTYPES:
+            raise ValueError(f"model.attn_backend=torch_varlen runs FlashAttention, which takes bf16/fp16, not "
+                             f"{query.dtype}: set model.dtype=bf16 (or auto), or model.attn_backend=sdpa")
         causal = module.is_causal if is_causal is None else is_causal
         batch, heads, length, head_dim = query.shape
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, T, H, D]
@@ -184,6 +194,24 @@ def packed_hidden_states(model, batch: dict) -> torch.Tensor:
 
 
 # --- Liger-Kernel on the LLM -------------------------------------------------------------------
+def resolve_liger(setting, device) -> bool:
+    """`model.liger` (auto | true | false) -> whether to apply Liger's ops: auto = on CUDA."""
+    device = torch.device(device)
+    if setting == "auto":
+        return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if setting is True or setting == "true":
+        if device.type != "cuda":
+            raise ValueError(f"model.liger=true needs CUDA (Liger's Triton kernels); the model is on {device}: "
+                             "use model.liger=auto or false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("model.liger=true but liger-kernel is not installed: pip install liger-kernel, "
+                             "or set model.liger=false")
+        return True
+    if setting is False or setting == "false":
+        return False
+    raise ValueError(f"model.liger={setting!r}; use auto, true or false")
+
+
 class LigerSwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with Liger's fused silu-multiply, calling the layer's own
     projections (our LoRALinear when LoRA-wrapped), so adapters keep training through it."""

@@ -118,8 +118,8 @@ class DebugConfig:
 class RunConfig:
     recipe: str = "custom"
     output_dir: str = ""  # default: runs/<recipe>-<UTC timestamp>
-    max_steps: int = 100
-    max_tokens: int = 0  # 0 = bounded by max_steps only
+    max_steps: int = 100  # 0 = bounded by max_tokens only
+    max_tokens: int = 0  # 0 = bounded by max_steps only; the first bound reached ends the run
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -170,6 +170,9 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ())
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     cfg = build_dataclass(RunConfig, raw, prefix="")
+    if cfg.max_steps <= 0 and cfg.max_tokens <= 0:
+        raise ConfigError("the run has no end: set max_steps (e.g. max_steps=1000) or max_tokens (e.g. max_tokens=5e6), "
+                          "or both (the first reached ends the run)")
     if not cfg.output_dir:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = str(Path("runs") / f"{cfg.recipe}-{stamp}")
@@ -283,6 +286,13 @@ def check_type(key: str, value, hint):
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, (float, str)) and not isinstance(value, bool):  # 5e6, 1.0e3
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
     elif hint is bool:
         if isinstance(value, bool):
             return value

@@ -103,7 +103,7 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     # Dropout and sampling differ per rank; everything is reproducible from cfg.seed.
     torch.manual_seed(cfg.seed + 1000 * env.rank)
     stream = build_stream(cfg, tokenizer, env)
-    schedule = cfg.schedule.build(cfg.max_steps, cfg.max_tokens or None)
+    schedule = cfg.schedule.build(cfg.max_steps or None, cfg.max_tokens or None)
     for line in schedule.describe():
         say(env, f"schedule: {line}")
     trainer = Trainer(cfg, env, model, stream, schedule, out)

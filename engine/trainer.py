@@ -34,11 +34,11 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps."""
+def lr_lambda(step: int, warmup: int, progress: float, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to min_ratio at progress 1."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0.0, progress))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -89,7 +89,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                            foreach=env.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
+            self.optimizer, lambda s: lr_lambda(s, o.warmup_steps, self.progress_after_warmup(s), o.min_lr_ratio))
         self.flops = flops_model_of(model)
         self.peak_flops = device_peak_flops(env.device, cfg.metrics.peak_tflops)
         self.writer = MetricsWriter(self.out_dir, cfg.metrics.tensorboard) if env.is_main else None
@@ -219,8 +219,15 @@ class Trainer:
                          flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
 
     # --- the loop ------------------------------------------------------------------------
+    def progress_after_warmup(self, step: int) -> float:
+        """Fraction of the run done after warmup: by steps, or by tokens for a token budget."""
+        warmup = self.cfg.optim.warmup_steps
+        if self.cfg.max_steps > 0:
+            return (step - warmup) / max(1, self.cfg.max_steps - warmup)
+        return self.state.tokens / self.cfg.max_tokens
+
     def done(self) -> bool:
-        if self.state.step >= self.cfg.max_steps:
+        if self.cfg.max_steps > 0 and self.state.step >= self.cfg.max_steps:
             return True
         if 0 < self.cfg.debug.stop_after_steps <= self.state.step:
             return True
@@ -231,7 +238,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", disable=not (env.is_main and cfg.metrics.progress_bar),
+        bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, desc="train", disable=not (env.is_main and cfg.metrics.progress_bar),
                    dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         wall_before = self.state.wall_s
@@ -266,7 +273,10 @@ class Trainer:
         secs = max(window["step_s"], 1e-9)
         tok_s = window["tokens"] / secs / self.env.world_size  # per device
         mfu = (window["flops"] / secs / self.env.world_size / self.peak_flops) if self.peak_flops else None
-        steps_left = self.cfg.max_steps - self.state.step
+        if self.cfg.max_steps > 0:
+            steps_left = self.cfg.max_steps - self.state.step
+        else:  # a token budget: steps left at this step's token rate
+            steps_left = (self.cfg.max_tokens - self.state.tokens) / max(1, stats.tokens)
         row = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.stage_name(),
                "loss": stats.loss, "loss_per_task": stats.per_task, "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": stats.grad_norm, "tokens_per_sec": tok_s, "mfu": mfu,
@@ -279,7 +289,7 @@ class Trainer:
             row.update(self._mix_since_last_row(counts))
         if self.env.is_main:
             self.writer.write(row)
-            self.log(format_line(row, self.cfg.max_steps))
+            self.log(format_line(row, self.cfg.max_steps or "?"))
 
     def _mix_since_last_row(self, counts: dict) -> dict:
         """What the model saw since the previous log row: examples per task and per label

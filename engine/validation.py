@@ -445,7 +445,7 @@ def reached_the_end(trainer) -> bool:
     """Training ended at max_steps / max_tokens, not at debug.stop_after_steps (which acts as a
     preempted job: it stops to be resumed, and a preempted job gets no final validation)."""
     cfg, state = trainer.cfg, trainer.state
-    return state.step >= cfg.max_steps or (cfg.max_tokens > 0 and state.tokens >= cfg.max_tokens)
+    return (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (cfg.max_tokens > 0 and state.tokens >= cfg.max_tokens)
 
 
 def final_validation(trainer) -> dict | None:

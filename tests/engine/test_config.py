@@ -68,3 +68,12 @@ def test_cli_prints_config_errors_and_exits_2():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "optim.betas" in proc.stderr and "list" in proc.stderr
+
+
+def test_token_budget_runs_and_scientific_integers():
+    cfg = load_config("random", ["max_steps=0", "max_tokens=5e6"])
+    assert cfg.max_steps == 0 and cfg.max_tokens == 5_000_000
+    with pytest.raises(ConfigError, match="no end"):
+        load_config("random", ["max_steps=0"])
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load_config("random", ["max_tokens=2.5"])
