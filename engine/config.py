@@ -41,7 +41,8 @@ class ModelConfig:
     path: str = ""  # local Hugging Face Qwen2.5-Omni checkpoint folder
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     train_audio_encoder: bool = False
-    attn_backend: str = "auto"  # auto | sdpa | eager
+    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa | eager (engine/attention.py)
+    liger: bool | str = "auto"  # auto (on CUDA) | true | false: Liger's RMSNorm, SwiGLU, M-RoPE on the LLM
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 0  # seed of the random init of the presets

@@ -93,7 +93,10 @@ def flops_model_of(model) -> FlopsModel:
 
 def batch_flops_inputs(batch: dict) -> dict:
     """The counts FlopsModel needs, read off a model-ready batch."""
-    lengths = batch["attention_mask"].sum(dim=1)
+    if "cu_seqlens" in batch:  # packed: attention is per sample (the tail padding counts as done work)
+        lengths = batch["cu_seqlens"].diff()
+    else:
+        lengths = batch["attention_mask"].sum(dim=1)
     targets = int((batch["labels"][:, 1:] != -100).sum())
     positions = 0
     if batch.get("feature_attention_mask") is not None:

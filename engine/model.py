@@ -20,6 +20,7 @@ from torch import nn
 from torch.profiler import record_function
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
+from engine.attention import apply_liger, packed_hidden_states, resolve_attn_backend, resolve_liger, set_attn_backend
 from engine.config import LoRAConfig, LossConfig, ModelConfig
 from engine.lora import apply_lora, lora_target_regex
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, tiny_vocab_rows
@@ -227,6 +228,9 @@ class OmniLoRAModel(nn.Module):
         return embeds.masked_scatter(slots.unsqueeze(-1), audio.to(embeds.dtype))
 
     def hidden_states(self, batch: dict) -> torch.Tensor:
+        if "cu_seqlens" in batch:  # packed row (loaders/packing.py): no 2-D mask, 4-row positions
+            with record_function("forward.packed"):
+                return packed_hidden_states(self, batch)
         with record_function("forward.audio_encoder"):
             audio = self.encode_audio(batch.get("input_features"), batch.get("feature_attention_mask"))
         with record_function("forward.llm"):
@@ -243,6 +247,9 @@ class OmniLoRAModel(nn.Module):
         """mode "train": loss sums; "eval": the same plus first-target-token predictions;
         "next_token_logits": [B, V] fp32 logits at each row's last real position (decoding)."""
         hidden = self.hidden_states(batch)
+        if "cu_seqlens" in batch and mode != "train":
+            raise ValueError(f"forward mode {mode!r} reads one sample per row; evaluate and decode on padded "
+                             "batches (data.packing applies to training batches only)")
         if mode == "next_token_logits":
             last = batch["attention_mask"].sum(dim=1) - 1
             rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -251,7 +258,10 @@ class OmniLoRAModel(nn.Module):
         valid = labels != IGNORE_INDEX
         rows = hidden[:, :-1][valid]  # only target rows reach the 152k-wide lm_head
         targets = labels[valid]
-        task_ids = batch["task_ids"][:, None].expand_as(labels)[valid]
+        if "token_task_ids" in batch:  # packed: one task per token
+            task_ids = batch["token_task_ids"][:, 1:][valid]
+        else:
+            task_ids = batch["task_ids"][:, None].expand_as(labels)[valid]
         with record_function("forward.loss"):
             loss_sum, n_valid, per_task = linear_cross_entropy(
                 rows, self.lm_head.weight, targets, task_ids=task_ids, num_tasks=self.num_tasks,
@@ -305,8 +315,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_model(mcfg: ModelConfig, lcfg: LoRAConfig, loss_cfg: LossConfig, tokenizer, device: torch.device) -> OmniLoRAModel:
     """Thinker (vision removed), frozen, with our LoRA layers in the LLM; nothing sharded yet."""
     dtype = resolve_dtype(mcfg.dtype, device)
-    attn = "sdpa" if mcfg.attn_backend in ("auto", "sdpa") else mcfg.attn_backend
-    thinker = build_thinker(mcfg, tokenizer, device=device, dtype=dtype, attn_impl=attn)
+    backend = resolve_attn_backend(mcfg.attn_backend, device)
+    # Built with sdpa, then switched: transformers' own check of flash-attn at construction
+    # does not know our torch varlen implementation.
+    thinker = build_thinker(mcfg, tokenizer, device=device, dtype=dtype, attn_impl="sdpa")
+    set_attn_backend(thinker, backend)
     thinker.requires_grad_(False)
     parts = locate_parts(thinker)
     if mcfg.train_audio_encoder:
@@ -315,6 +328,8 @@ def build_model(mcfg: ModelConfig, lcfg: LoRAConfig, loss_cfg: LossConfig, token
     pattern = lora_target_regex(parts.llm_path + ".layers", lcfg.targets)
     torch.manual_seed(mcfg.seed + 1)
     replaced = apply_lora(thinker, pattern, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.impl)
+    if resolve_liger(mcfg.liger, device):
+        apply_liger(parts.llm)  # after LoRA: its SwiGLU calls the LoRA-wrapped projections
     model = OmniLoRAModel(thinker, train_audio_encoder=mcfg.train_audio_encoder, loss_cfg=loss_cfg)
     model.lora_pattern = pattern
     model.lora_modules = replaced

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig, save_config
+from engine.attention import resolve_attn_backend, resolve_liger
 from engine.model import build_model, count_parameters
 from engine.parallel import DistEnv, apply_parallelism, close_distributed, init_distributed
 from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
@@ -49,7 +50,10 @@ def resolve_impls(cfg: RunConfig, env: DistEnv) -> None:
     """Turn `auto` into the concrete kernel choice once, log it, and fail early on a bad one."""
     cfg.lora.impl = resolve_lora_impl(cfg.lora.impl, env.device)
     cfg.loss.impl = resolve_loss_impl(cfg.loss.impl, env.device)
-    say(env, f"kernels: lora={cfg.lora.impl}, loss={cfg.loss.impl}; attention=sdpa; device={env.device}, "
+    cfg.model.attn_backend = resolve_attn_backend(cfg.model.attn_backend, env.device)
+    cfg.model.liger = resolve_liger(cfg.model.liger, env.device)
+    say(env, f"kernels: lora={cfg.lora.impl}, loss={cfg.loss.impl}; attention={cfg.model.attn_backend}, "
+             f"liger={cfg.model.liger}, packing={cfg.data.packing}; device={env.device}, "
              f"world size {env.world_size} ({env.backend})")
 
 

@@ -27,6 +27,7 @@ from engine.config import RunConfig
 from engine.metrics import (MetricsWriter, StepTimer, batch_flops_inputs, device_peak_flops, flops_model_of,
                             format_line, peak_memory_gib)
 from engine.parallel import DistEnv, all_reduce_sum
+from loaders.packing import token_slots
 from loaders.tasks import TASKS
 
 
@@ -54,6 +55,7 @@ def target_tokens(batch: dict) -> int:
 class TrainState:
     step: int = 0
     tokens: int = 0  # real tokens seen, all ranks
+    slots: int = 0  # token positions computed, all ranks (padding included)
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     stage_index: int = -1
@@ -66,6 +68,7 @@ class StepStats:
     per_task: dict
     grad_norm: float
     tokens: int
+    slots: int  # token positions computed (B x T per micro-batch), all ranks
     flops: float
     skipped: bool
     data_s: float
@@ -168,9 +171,10 @@ class Trainer:
         data_s = time.perf_counter() - t0
         env, model = self.env, self.model
         counts = torch.tensor([sum(target_tokens(mb) for mb in micro_batches),
-                               sum(int(mb["num_tokens"]) for mb in micro_batches)], dtype=torch.float64)
+                               sum(int(mb["num_tokens"]) for mb in micro_batches),
+                               sum(token_slots(mb) for mb in micro_batches)], dtype=torch.float64)
         counts = all_reduce_sum(counts.to(env.device)).cpu()
-        global_targets, global_tokens = int(counts[0]), int(counts[1])
+        global_targets, global_tokens, global_slots = int(counts[0]), int(counts[1]), int(counts[2])
         # FSDP averages gradients over ranks; scaling by world size turns that into the sum.
         scale = env.world_size / max(global_targets, 1)
         stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64)
@@ -216,7 +220,7 @@ class Trainer:
         flops_total = torch.tensor([flops], dtype=torch.float64)
         flops_total = float(all_reduce_sum(flops_total.to(env.device)).cpu())
         return StepStats(loss=loss_value, per_task=per_task, grad_norm=grad_norm, tokens=global_tokens,
-                         flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
+                         slots=global_slots, flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
 
     # --- the loop ------------------------------------------------------------------------
     def progress_after_warmup(self, step: int) -> float:
@@ -242,7 +246,7 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         wall_before = self.state.wall_s
-        window = {"tokens": 0, "flops": 0.0, "data_s": 0.0, "step_s": 0.0}
+        window = {"tokens": 0, "slots": 0, "flops": 0.0, "data_s": 0.0, "step_s": 0.0}
         profiler = self.hooks.get("profiler")
         while not self.done():
             self.update_stage()
@@ -250,6 +254,7 @@ class Trainer:
             self.last_stats = stats
             self.state.step += 1
             self.state.tokens += stats.tokens
+            self.state.slots += stats.slots
             self.state.wall_s = wall_before + time.perf_counter() - start
             for k in window:
                 window[k] += getattr(stats, k)
@@ -260,7 +265,7 @@ class Trainer:
             bar.update(1)
             if self.state.step % cfg.metrics.log_every == 0 or self.done():
                 self._log_row(stats, window)
-                window = {k: 0 if k == "tokens" else 0.0 for k in window}
+                window = {k: 0 if k in ("tokens", "slots") else 0.0 for k in window}
             if "after_step" in self.hooks:
                 self.hooks["after_step"](self)
             if cfg.checkpoint.every > 0 and self.state.step % cfg.checkpoint.every == 0 and not self.done():
@@ -282,7 +287,8 @@ class Trainer:
                "grad_norm": stats.grad_norm, "tokens_per_sec": tok_s, "mfu": mfu,
                "mem_gib": peak_memory_gib(self.env.device), "data_wait_pct": 100.0 * window["data_s"] / secs,
                "elapsed_s": self.state.wall_s, "skipped_steps": self.state.skipped_steps, "skipped": stats.skipped,
-               "eta_s": steps_left * stats.step_s}
+               "eta_s": steps_left * stats.step_s,
+               "packing_efficiency": window["tokens"] / max(window["slots"], 1)}
         counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
         if counts:
             row["data"] = counts
@@ -312,7 +318,8 @@ class Trainer:
         wall = max(self.state.wall_s, 1e-9)
         return {"recipe": self.cfg.recipe, "steps": self.state.step, "tokens": self.state.tokens,
                 "tokens_per_sec": self.state.tokens / wall, "tokens_per_sec_per_device": self.state.tokens / wall / self.env.world_size,
-                "final_loss_per_task": self.final_losses, "skipped_steps": self.state.skipped_steps,
+                "final_loss_per_task": self.final_losses,
+                "packing_efficiency": self.state.tokens / max(self.state.slots, 1), "skipped_steps": self.state.skipped_steps,
                 "wall_s": self.state.wall_s, "world_size": self.env.world_size, "device": device_name(self.env.device),
                 "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 

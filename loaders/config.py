@@ -37,7 +37,8 @@ class DataConfig:
     on_error: "skip" (warn with shard and key, count by reason, go on) or "raise".
     strict: raise on a DID/SER label outside the closed set even when on_error is "skip".
     seed: shard order, shuffling and task mixing derive from it.
-    packing: pack several samples into one row (not implemented yet; must stay False).
+    packing: pack several samples into one row of at most max_tokens_per_batch tokens, each
+        attending only to itself (loaders.packing); max_tokens_per_batch then counts real tokens.
     demo_dir: where the embedded demo shards are generated when ``train`` is "".
     """
 
@@ -74,5 +75,3 @@ class DataConfig:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ValueError(f"data.weights={self.weights}: weights must be >= 0 and not all 0")
-        if self.packing:
-            raise NotImplementedError("data.packing=true is not implemented yet; set data.packing=false")

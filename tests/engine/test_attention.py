@@ -56,9 +56,10 @@ def short_examples(tokenizer) -> list[Example]:
     return out
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, device=CPU):
     tokenizer = build_tiny_tokenizer()
-    model = build_model(ModelConfig(seed=seed), LoRAConfig(dropout=0.0), LossConfig(impl="reference"), tokenizer, CPU)
+    model = build_model(ModelConfig(seed=seed), LoRAConfig(dropout=0.0), LossConfig(impl="reference"), tokenizer,
+                        torch.device(device))
     torch.manual_seed(seed + 7)
     with torch.no_grad():  # non-zero B so the adapters change the outputs and A gets gradients
         for name, p in model.named_parameters():
@@ -85,11 +86,15 @@ def sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def on_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "cu_seqlens" else v for k, v in batch.items()}
+
+
 def run_alone(model, tokenizer, examples):
     model.zero_grad()
     logits, losses = [], []
     for e in examples:
-        batch = collate([e], tokenizer.pad_token_id)
+        batch = on_device(collate([e], tokenizer.pad_token_id), model.lm_head.weight.device)
         out = model.lm_head(model.hidden_states(batch))[0].float()
         losses.append(sample_loss(out, batch["labels"][0]))
         logits.append(out.detach())
@@ -99,7 +104,7 @@ def run_alone(model, tokenizer, examples):
 
 def run_packed(model, tokenizer, examples):
     model.zero_grad()
-    batch = collate_packed(examples, tokenizer.pad_token_id)
+    batch = on_device(collate_packed(examples, tokenizer.pad_token_id), model.lm_head.weight.device)
     out = model.lm_head(packed_hidden_states(model, batch))[0].float()
     cu = batch["cu_seqlens"].tolist()
     losses = [sample_loss(out[a:b], batch["labels"][0, a:b]) for a, b in zip(cu[:-1], cu[1:])]
@@ -112,7 +117,7 @@ def assert_close(got, want, what):
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", REFERENCE_VARLEN])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", REFERENCE_VARLEN])
 def test_packed_row_equals_each_sample_alone(setup, impl):
     model, tokenizer, examples = setup
     set_attn_implementation(model.thinker, "sdpa")
@@ -201,12 +206,18 @@ def test_varlen_function_unpads_a_padded_batch(setup):
 def test_backend_selection_and_errors(monkeypatch):
     assert resolve_attn_backend("auto", CPU) == "sdpa"
     assert resolve_attn_backend("sdpa", CPU) == "sdpa"
-    with pytest.raises(ValueError, match="flash_attn is not available on cpu.*flash-attn.*Available here: sdpa"):
+    assert resolve_attn_backend("eager", CPU) == "eager"
+    with pytest.raises(ValueError, match="flash_attn is not available on cpu.*flash-attn.*Available here: sdpa, eager"):
         resolve_attn_backend("flash_attn", CPU)
     with pytest.raises(ValueError, match="torch_varlen is not available on cpu.*Available here: sdpa"):
         resolve_attn_backend("torch_varlen", CPU)
-    with pytest.raises(ValueError, match="'eager' is not a backend; use auto, flash_attn, torch_varlen, sdpa"):
-        resolve_attn_backend("eager", CPU)
+    with pytest.raises(ValueError, match="'flash' is not a backend; use auto, flash_attn, torch_varlen, sdpa, eager"):
+        resolve_attn_backend("flash", CPU)
+    assert attention.resolve_liger("auto", CPU) is False and attention.resolve_liger(False, "cuda") is False
+    with pytest.raises(ValueError, match="model.liger=true needs CUDA.*on cpu"):
+        attention.resolve_liger(True, CPU)
+    with pytest.raises(ValueError, match="model.liger='yes'; use auto, true or false"):
+        attention.resolve_liger("yes", CPU)
     monkeypatch.setattr(attention, "available_backends", lambda device: ["torch_varlen", "sdpa"])
     assert resolve_attn_backend("auto", "cuda") == "torch_varlen"
     monkeypatch.setattr(attention, "available_backends", lambda device: ["flash_attn", "torch_varlen", "sdpa"])
@@ -264,13 +275,13 @@ def test_short_packed_training_run_lowers_the_loss():
     from loaders.packing import pack_examples
 
     model, tokenizer = build(seed=1)
-    examples = examples_of(make_batch(tokenizer, seed=21, batch_size=6))
-    rows = [collate_packed(r, tokenizer.pad_token_id) for r in pack_examples(examples, 256)]
+    examples = examples_of(make_batch(tokenizer, seed=21, batch_size=4))
+    rows = [collate_packed(r, tokenizer.pad_token_id) for r in pack_examples(examples, 160)]
     assert len(rows) > 1 and sum(len(r["keys"]) for r in rows) == len(examples)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(8):
         total, count = 0.0, 0
         optimizer.zero_grad()
         for row in rows:
@@ -285,4 +296,53 @@ def test_short_packed_training_run_lowers_the_loss():
             total, count = total + float(loss_sum), count + int(n_valid)
         optimizer.step()
         losses.append(total / count)
-    assert losses[-1] < 0.85 * losses[0], losses  # seeded: 6.05 -> 4.73 measured
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # seeded: 6.04 -> 5.14 measured
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+
+# --- GPU (the tiny preset in bf16, model.dtype=auto on CUDA), run by profiling/gpu_check.sh ----------
+# bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); four layers of the tiny model stay
+# within a few steps, so a relative error of 5e-2 on logits and gradients leaves margin.
+BF16_RTOL = 5e-2
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+    assert err < BF16_RTOL, f"{what}: relative error {err:.3g} >= {BF16_RTOL}"
+
+
+def compare_on_gpu(model, tokenizer, examples, want, what):
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    got = run_packed(model, tokenizer, examples)
+    for i, (g, w) in enumerate(zip(got[0], want[0])):
+        assert_close_rel(g, w, f"{what}: logits of sample {i}")
+    assert_close_rel(torch.stack(got[1]), torch.stack(want[1]), f"{what}: losses")
+    for name in want[2]:
+        assert_close_rel(got[2][name], want[2][name], f"{what}: gradient of {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
+def test_gpu_varlen_backends_on_a_packed_row_equal_each_sample_alone(backend):
+    from engine.attention import available_backends, set_attn_backend
+
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend} is not available here: {available_backends('cuda')}")
+    model, tokenizer = build(device="cuda")
+    examples = examples_of(make_batch(tokenizer, seed=11, batch_size=4))
+    want = run_alone(model, tokenizer, examples)  # sdpa, each sample alone
+    set_attn_backend(model.thinker, backend)
+    compare_on_gpu(model, tokenizer, examples, want, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_liger_patched_llm_matches_the_unpatched_one():
+    plain, tokenizer = build(seed=3, device="cuda")
+    patched, _ = build(seed=3, device="cuda")
+    apply_liger(patched.llm)
+    examples = examples_of(make_batch(tokenizer, seed=5, batch_size=4))
+    want = run_packed(plain, tokenizer, examples)
+    compare_on_gpu(patched, tokenizer, examples, want, "liger")
