@@ -119,25 +119,32 @@ def build_thinker(cfg: ModelConfig, tokenizer, *, device: torch.device, dtype: t
                 thinker = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, attn_implementation=attn_impl)
         finally:
             torch.set_default_dtype(previous)
-        reinit_audio_convolutions(thinker)
+        reinit_for_frozen_training(thinker)
     remove_vision_encoder(thinker)
     thinker.config.vision_start_token_id = VISION_START_TOKEN_ID
     return thinker
 
 
-def reinit_audio_convolutions(thinker: nn.Module) -> None:
-    """Random-init presets only: give the audio encoder's two input convolutions PyTorch's
-    default init (std ~ 1/sqrt(fan_in)) instead of transformers' N(0, 0.02).
+def reinit_for_frozen_training(thinker: nn.Module) -> None:
+    """Random-init presets only: two parts that a LoRA run keeps frozen get an init under which
+    a frozen random model can still learn.
 
-    With N(0, 0.02) the convolutions pass almost nothing of the log-mel input on: measured on
-    the demo clips, the clip content is ~1.6% of the encoder's output (the rest is its fixed
-    sinusoidal position signal), so a frozen random encoder hides the audio from the LLM. With
-    the default init the content share is ~15% and dialect/emotion become separable.
+    - The audio encoder's input convolutions get PyTorch's default init (std ~ 1/sqrt(fan_in))
+      instead of transformers' N(0, 0.02): with N(0, 0.02) the clip content was ~1.6% of the
+      encoder's output on the demo clips (the rest its fixed sinusoidal position signal), so
+      the frozen encoder hid the audio from the LLM; with the default init it is ~15%.
+    - lm_head gets N(0, 1/hidden): after the final RMSNorm (|h| ~ sqrt(hidden)) a row of norm
+      ~1 allows logits up to ~sqrt(hidden) (11 for the tiny model). With N(0, 0.02) the largest
+      reachable logit was ~2.6, which caps the probability of any token at a few percent over
+      the tiny vocabulary: the loss could not fall below ~3.4 whatever LoRA learned.
     """
-    tower = locate_parts(thinker).audio_tower
+    parts = locate_parts(thinker)
+    tower = parts.audio_tower
+    hidden = parts.lm_head.weight.shape[1]
     with torch.no_grad():
         tower.conv1.reset_parameters()
         tower.conv2.reset_parameters()
+        parts.lm_head.weight.normal_(0.0, hidden ** -0.5)
 
 
 def load_checkpoint_thinker(path: str, *, dtype: torch.dtype, attn_impl: str):
