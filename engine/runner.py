@@ -61,7 +61,7 @@ def build_stream(cfg: RunConfig, tokenizer, env: DistEnv):
     from loaders.pipeline import TrainStream
 
     return TrainStream(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size,
-                       grad_accum=cfg.optim.grad_accum, seed=cfg.seed)
+                       grad_accum=cfg.optim.grad_accum, seed=cfg.seed, schedule_cfg=cfg.schedule)
 
 
 def profiler_context(cfg: RunConfig, env: DistEnv, out: Path):

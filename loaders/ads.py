@@ -256,16 +256,26 @@ def _heap_pop(keys, idx, size):
 
 
 @njit(cache=False, nogil=True)
+def _fits(length, count, longest, spent, token_budget, padded):
+    """Whether one more candidate of ``length`` tokens fits after ``count`` picks. ``padded``: the
+    micro-batch costs its padded slots (count x longest), else the sum of its lengths. Either
+    cost only grows with each pick, so a candidate that no longer fits never fits again."""
+    if padded:
+        return (count + 1) * max(longest, length) <= token_budget
+    return spent + length <= token_budget
+
+
+@njit(cache=False, nogil=True)
 def _pop_farthest(keys, idx, size, spill_keys, spill_idx, spill_size, codes, center_rows, n_centers,
-                  min_dist, seen, taken, lengths, budget, groups, left, use_quota):
+                  min_dist, seen, taken, lengths, fit_state, groups, left, use_quota):
     """Lazy greedy step: pop until the top candidate's distance is up to date (it then is the
     farthest; every other bound is lower or equal with a higher index). Stale candidates are
     compared with the centers they have not seen and pushed back; candidates that no longer fit
     are dropped; with ``use_quota``, candidates of groups without quota go to the spill heap."""
     while size > 0:
         key, j, size = _heap_pop(keys, idx, size)
-        if taken[j] or lengths[j] > budget:
-            continue   # never a candidate again: the budget only shrinks
+        if taken[j] or not _fits(lengths[j], n_centers, fit_state[0], fit_state[1], fit_state[2], fit_state[3] != 0):
+            continue   # never a candidate again: the cost only grows
         if use_quota and left[groups[j]] <= 0:
             spill_size = _heap_push(spill_keys, spill_idx, spill_size, key, j)
             continue
@@ -282,7 +292,7 @@ def _pop_farthest(keys, idx, size, spill_keys, spill_idx, spill_size, codes, cen
 
 
 @njit(cache=False, nogil=True)
-def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget, max_items, start):
+def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget, max_items, start, padded):
     m, d = codes.shape
     limit = min(m, max_items)
     order = np.empty(limit, np.int64)
@@ -294,13 +304,16 @@ def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget
     q_keys, q_idx = np.empty(m, np.float32), np.empty(m, np.int64)   # candidates whose group has quota
     r_keys, r_idx = np.empty(m, np.float32), np.empty(m, np.int64)   # the rest (used once quotas run dry)
     q_size, r_size, heaps_built, next_forced = 0, 0, False, 0
-    budget, count = token_budget, 0
+    count = 0
+    fit_state = np.zeros(4, np.int64)             # longest, spent, token_budget, padded
+    fit_state[2], fit_state[3] = token_budget, 1 if padded else 0
     while count < limit:
         pick = -1
         while next_forced < m and pick < 0:       # stale candidates first, lowest index first
             i = next_forced
             next_forced += 1
-            if forced[i] and eligible[i] and not taken[i] and lengths[i] <= budget:
+            if forced[i] and eligible[i] and not taken[i] and _fits(lengths[i], count, fit_state[0], fit_state[1],
+                                                                    token_budget, padded):
                 pick = i
         if pick < 0 and count == 0:
             if start < 0:
@@ -309,7 +322,8 @@ def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget
         if pick < 0:
             if not heaps_built:    # one eager pass over the centers so far, then lazy
                 for j in range(m):
-                    if eligible[j] and not taken[j] and lengths[j] <= budget:
+                    if eligible[j] and not taken[j] and _fits(lengths[j], count, fit_state[0], fit_state[1],
+                                                              token_budget, padded):
                         for c in range(count):
                             dist = _distance_to_center(codes, j, center_rows, c)
                             if dist < min_dist[j]:
@@ -321,10 +335,10 @@ def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget
                             r_size = _heap_push(r_keys, r_idx, r_size, min_dist[j], j)
                 heaps_built = True
             pick, q_size, r_size = _pop_farthest(q_keys, q_idx, q_size, r_keys, r_idx, r_size, codes, center_rows,
-                                                 count, min_dist, seen, taken, lengths, budget, groups, left, True)
+                                                 count, min_dist, seen, taken, lengths, fit_state, groups, left, True)
             if pick < 0:                          # no group with quota has a fitting candidate: fill
                 pick, r_size, q_size = _pop_farthest(r_keys, r_idx, r_size, q_keys, q_idx, q_size, codes,
-                                                     center_rows, count, min_dist, seen, taken, lengths, budget,
+                                                     center_rows, count, min_dist, seen, taken, lengths, fit_state,
                                                      groups, left, False)
             if pick < 0:
                 break
@@ -333,7 +347,8 @@ def _k_center_core(codes, groups, lengths, eligible, forced, quota, token_budget
             center_rows[count, k] = codes[pick, k]
         count += 1
         taken[pick] = True
-        budget -= lengths[pick]
+        fit_state[0] = max(fit_state[0], lengths[pick])
+        fit_state[1] += lengths[pick]
         left[groups[pick]] -= 1
     return order[:count]
 
@@ -349,12 +364,14 @@ def _check_selection_inputs(codes, groups, lengths, eligible, forced, quota):
         raise ADSError(f"group ids must lie in [0, {len(quota)}) (one quota per group)")
 
 
-def k_center_select(codes, groups, lengths, quota, token_budget, start, eligible=None, forced=None, max_items=None):
+def k_center_select(codes, groups, lengths, quota, token_budget, start, eligible=None, forced=None, max_items=None,
+                    padded=False):
     """Greedy farthest-point selection (numba). Returns selected candidate indices, in order.
 
     ``codes`` are quantize_embeddings() output. Picks: stale (``forced``) candidates first in index order, else ``start``; then repeatedly
     the candidate farthest (squared L2 on ``codes``) from everything picked, among eligible,
-    unpicked candidates that fit the remaining token budget and whose group has quota left;
+    unpicked candidates that fit the token budget and whose group has quota left (the cost of a
+    selection is the sum of its lengths, or with ``padded`` its padded slots: count x longest);
     when no such candidate exists, quotas are relaxed to fill the budget. Ties: lowest index.
     Evaluation is lazy (a max-heap of stale nearest-center distances, refreshed on demand), which
     picks exactly what the eager NumPy reference picks while computing far fewer distances.
@@ -366,11 +383,18 @@ def k_center_select(codes, groups, lengths, quota, token_budget, start, eligible
     quota = np.asarray(quota, np.int64)
     _check_selection_inputs(codes, groups, lengths, eligible, forced, quota)
     return _k_center_core(codes, groups, lengths, eligible, forced, quota, np.int64(token_budget),
-                          np.int64(m if max_items is None else max_items), np.int64(start))
+                          np.int64(m if max_items is None else max_items), np.int64(start), bool(padded))
+
+
+def compile_k_center() -> None:
+    """Compile the numba core now (a few seconds, once per process). Called before DataLoader
+    workers fork, so that each worker inherits the compiled code instead of compiling its own."""
+    codes = quantize_embeddings(np.eye(2))
+    k_center_select(codes, np.zeros(2, np.int64), np.ones(2, np.int64), np.array([2]), 2, 0, padded=True)
 
 
 def k_center_select_reference(codes, groups, lengths, quota, token_budget, start, eligible=None, forced=None,
-                              max_items=None):
+                              max_items=None, padded=False):
     """The same selection in vectorized NumPy (distances for all candidates at once per pick)."""
     m = codes.shape[0]
     eligible = np.ones(m, bool) if eligible is None else np.asarray(eligible, bool)
@@ -381,9 +405,13 @@ def k_center_select_reference(codes, groups, lengths, quota, token_budget, start
     codes32 = codes.astype(np.float32)
     taken = np.zeros(m, bool)
     min_dist = np.full(m, _NO_DISTANCE_YET, np.float32)
-    budget, order = int(token_budget), []
+    spent, longest, order = 0, 0, []
     while len(order) < max_items:
-        candidates = eligible & ~taken & (lengths <= budget)
+        if padded:
+            fits = (len(order) + 1) * np.maximum(longest, lengths) <= token_budget
+        else:
+            fits = spent + lengths <= token_budget
+        candidates = eligible & ~taken & fits
         stale = candidates & forced
         if stale.any():
             pick = int(np.argmax(stale))
@@ -399,7 +427,7 @@ def k_center_select_reference(codes, groups, lengths, quota, token_budget, start
             pick = int(np.argmax(np.where(mask, min_dist, -1)))
         order.append(pick)
         taken[pick] = True
-        budget -= int(lengths[pick])
+        spent, longest = spent + int(lengths[pick]), max(longest, int(lengths[pick]))
         left[groups[pick]] -= 1
         diff = codes32 - codes32[pick]
         np.minimum(min_dist, np.einsum("ij,ij->i", diff, diff), out=min_dist)

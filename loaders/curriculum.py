@@ -372,7 +372,8 @@ class ScheduledSampler:
     def __init__(self, schedule: Schedule, pull, *, token_budget: int, config: ScheduleConfig | None = None,
                  labels: Mapping[str, Sequence[str]] | None = None, natural_counts: Mapping | None = None,
                  max_items: int | None = None, seed: int = 0, implementation: str = "numba", embed=None):
-        from loaders.ads import DrawCounter, StreamPuller   # numba: loaded only where batches are drawn
+        from loaders.ads import DrawCounter   # numba: loaded only where batches are drawn
+        from loaders.sampling import StreamPuller
         self.schedule, self.config = schedule, config or ScheduleConfig()
         self.token_budget, self.labels, self.natural_counts = token_budget, labels, natural_counts
         self.max_items, self.seed, self.implementation, self.embed = max_items, seed, implementation, embed
@@ -385,7 +386,7 @@ class ScheduledSampler:
         self._restore_offsets: Mapping | None = None
 
     def _build_sampler(self, index: int):
-        from loaders.ads import ADSSampler, ProportionalSampler
+        from loaders.sampling import ADSSampler, ProportionalSampler
         stage = self.schedule.stages[index]
         common = dict(token_budget=self.token_budget, task_weights=stage.weights, natural_counts=self.natural_counts,
                       max_items=self.max_items, seed=[self.seed, index], puller=self.puller)
@@ -443,7 +444,7 @@ class ScheduledSampler:
 
     def load_state_dict(self, state: dict, stream_offsets: Mapping | None = None) -> None:
         """Restore. ``stream_offsets``: where the restored streams stand, in this run's pull counts
-        (default: stepped back by ``rewind_counts()``); see loaders.ads.StreamPuller.redraw."""
+        (default: stepped back by ``rewind_counts()``); see loaders.sampling.StreamPuller.redraw."""
         self.puller.load_state_dict(state["puller"])
         self._restore_offsets = stream_offsets
         self.stage_index, self._parked = state["stage_index"], []

@@ -1,28 +1,39 @@
 """The training data stream of one rank: exactly ``grad_accum`` micro-batches per step.
 
-    stream = TrainStream(cfg, tokenizer, rank=r, world_size=w, grad_accum=4, seed=0)
+    stream = TrainStream(cfg, tokenizer, rank=r, world_size=w, grad_accum=4, seed=0,
+                         schedule_cfg=run_cfg.schedule)      # ADS settings (ads_pool, ...)
     micro_batches = stream.next_step()        # same count on every rank
     stream.set_tasks(["asr", "sum"])          # curriculum stage change, nothing read is lost
+    stream.set_sampler("ads")                 # "random" (natural mixing) or "ads"
     state = stream.state_dict()               # JSON-serializable; save with the checkpoint
     stream.load_state_dict(state)             # the sample sequence continues exactly
 
 Each rank runs ``max(1, num_workers)`` producers (stream.ExampleSource + a Sampler), one per
 DataLoader worker, each over its own share of the shards (slot = rank * workers + worker).
-The training process takes examples from the producers round-robin, in each producer's
-order, and buckets them into micro-batches (loaders.batching).
+The sampler is loaders.sampling.StageSampler: the stage's sampler over the stage's tasks
+("random": tasks drawn in proportion to the data; "ads": per-(task, label) quota drawing
+into a candidate pool, then k-center selection on aligner embeddings). The training process
+takes examples from the producers round-robin, in each producer's order. An ADS selection
+is one micro-batch as chosen (selected within data.max_tokens_per_batch token slots), kept
+whole; examples of the random sampler are bucketed by length into padded micro-batches
+(loaders.batching) within a lookahead of LOOKAHEAD_BATCHES budgets. With data.packing a
+micro-batch is one packed row (loaders.packing: slots = the lengths' sum, no padding).
 
 Exact resume, with or without workers: every example carries its producer's state at the
 start of the group it was drawn in and its ordinal. The saved state of a producer is the
 group state of its oldest example still waiting to be batched, plus which later ordinals
 were already used; a resume replays that stretch (re-decoding the bucketing lookahead, a
-few micro-batches' worth) and rebuilds the waiting queue in order. ``set_tasks`` uses the
-same path (state -> new tasks -> load; with workers it restarts them), so a stage change is
-exactly reproducible too. A resume must use the same rank, world size, num_workers and seed
-(the shard split depends on them).
+few micro-batches' worth) and rebuilds the waiting queue in order. A sampler's pending
+samples (the ADS pool) are part of that group state as records; on replay the sampler steps
+its streams back to the oldest of them (``ExampleSource.rewind``) and re-reads them. Stage
+changes (``set_tasks``, ``set_sampler``) use the same path (recorded switch -> restart from
+the saved state, lazily at the next step; with workers they restart them), so a stage change
+is exactly reproducible too. A resume must use the same rank, world size, num_workers and
+seed (the shard split depends on them).
 
 Another sampler plugs in through ``sampler_factory(data_counts, source_weights, *, seed,
-slot, active_tasks, task_weights) -> Sampler`` (see loaders.stream for the protocol; the
-default is ProportionalSampler). A sampler with a candidate pool sets ``max_rewind`` (examples
+slot, active_tasks, task_weights) -> Sampler`` (see loaders.stream for the protocol); such a
+stream cannot switch samplers. A sampler with a candidate pool sets ``max_rewind`` (examples
 per stream it may step back with ``source.rewind``) and keeps its pool in its state_dict.
 """
 from __future__ import annotations
@@ -39,6 +50,7 @@ import torch
 from loaders.audio import AudioError
 from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
 from loaders.curriculum import SAMPLERS, ScheduleConfig
+from loaders.packing import collate_packed, select_packed_row
 from loaders.shards import (LABELLED_TASKS, check_enough_shards, check_shards_exist, count_examples_by_shard,
                             expand_sources, iter_tar_samples, shard_order, sum_counts)
 from loaders.stream import ErrorCounter, ExampleSource, SampleTooLong, prepare_example, source_weight
@@ -121,6 +133,7 @@ class ExampleProducer:
             counts = self.source.counts()
             if hasattr(self.sampler, "counts"):
                 counts["sampler"] = self.sampler.counts()
+            together = bool(getattr(self.sampler, "selects_micro_batches", False))
             for example in examples:
                 ordinal = self.ordinal
                 self.ordinal += 1
@@ -129,6 +142,7 @@ class ExampleProducer:
                 example.origin = (self.worker, ordinal)
                 example.group_state, example.group_start = group_state, group_start
                 example.group_end, example.counts_after = group_start + len(examples) - 1, counts
+                example.selected_together = together
                 yield example
 
 
@@ -215,7 +229,8 @@ class TrainStream:
                             natural_counts=stream_counts(slot_counts["tasks"], slot_counts["labels"]),
                             labels={task: list(getattr(self.cfg, field)) for task, field in LABELLED_TASKS.items()},
                             config=self.schedule_cfg, seed=[self.seed, slot], active_tasks=self.active_tasks,
-                            task_weights=self.task_weights, sampler=self.sampler_name)
+                            task_weights=self.task_weights, sampler=self.sampler_name,
+                            padded_budget=not self.cfg.packing)
 
     def _start(self, state: dict) -> None:
         self.close()
@@ -231,6 +246,10 @@ class TrainStream:
         if self.num_workers == 0:
             self._iters = [self._make_producer(0).iterate(self.entries[0])]
         else:
+            if self.sampler_name == "ads" and self.sampler_factory is None:
+                from loaders.ads import compile_k_center
+
+                compile_k_center()   # once here, not once per forked worker
             dataset = _WorkerDataset(self._make_producer, self.entries)
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                                  collate_fn=_keep_as_is, multiprocessing_context="fork")
@@ -274,22 +293,56 @@ class TrainStream:
     def next_step(self) -> list[dict]:
         """Exactly grad_accum micro-batches, each within data.max_tokens_per_batch padded slots."""
         self._apply_switches()
-        budget = self.cfg.max_tokens_per_batch
         micro_batches = []
         for _ in range(self.grad_accum):
-            while sum(e.num_tokens for e in self.queue) < LOOKAHEAD_BATCHES * budget:
-                self.queue.append(self._pull())
-            chosen = select_micro_batch([e.num_tokens for e in self.queue], budget)
-            examples = [self.queue[i] for i in chosen]
-            chosen_set = set(chosen)
-            self.queue = [e for i, e in enumerate(self.queue) if i not in chosen_set]
-            assert padded_cost([e.num_tokens for e in examples]) <= budget  # select_micro_batch guarantees it
+            examples = self._next_micro_batch(self.cfg.max_tokens_per_batch)
             for e in examples:
                 self._count_used(e)
             self.used += len(examples)
-            micro_batches.append(collate(examples, self.pad_token_id))
+            collate_batch = collate_packed if self.cfg.packing else collate
+            micro_batches.append(collate_batch(examples, self.pad_token_id))
         self.steps += 1
         return micro_batches
+
+    def _next_micro_batch(self, budget: int) -> list:
+        """The oldest waiting example's micro-batch: its sampler's selection as chosen (ADS), or
+        it and its nearest neighbours in length among the examples that may be regrouped."""
+        if not self.queue:
+            self.queue.append(self._pull())
+        if self.queue[0].selected_together:
+            return self._take_selection(self.queue[0], budget)
+        while (sum(e.num_tokens for e in self.queue if not e.selected_together) < LOOKAHEAD_BATCHES * budget
+               and not self.queue[-1].selected_together):   # past a stage switch to ADS: no more lookahead
+            self.queue.append(self._pull())
+        free = [i for i, e in enumerate(self.queue) if not e.selected_together]
+        select = select_packed_row if self.cfg.packing else select_micro_batch
+        chosen = select([self.queue[i].num_tokens for i in free], budget)
+        examples = self._take([free[i] for i in chosen])
+        assert self._cost(examples) <= budget  # select_micro_batch / select_packed_row guarantee it
+        return examples
+
+    def _cost(self, examples) -> int:
+        """Token slots of a micro-batch: the lengths' sum when packed, else batch size x longest."""
+        lengths = [e.num_tokens for e in examples]
+        return sum(lengths) if self.cfg.packing else padded_cost(lengths)
+
+    def _take_selection(self, head, budget: int) -> list:
+        worker = head.origin[0]
+        while self.last_pulled[worker] < head.group_end:   # the rest of the selection, from its producer
+            self.queue.append(self._pull_from(worker))
+        examples = self._take([i for i, e in enumerate(self.queue)
+                               if e.origin[0] == worker and e.group_start == head.group_start])
+        if self._cost(examples) > budget:
+            raise RuntimeError(f"sampler selection of {len(examples)} examples costs {self._cost(examples)} token "
+                               f"slots, more than data.max_tokens_per_batch={budget}; the sampler must select "
+                               "within the micro-batch budget")
+        return examples
+
+    def _take(self, indices: list[int]) -> list:
+        chosen = set(indices)
+        examples = [self.queue[i] for i in indices]
+        self.queue = [e for i, e in enumerate(self.queue) if i not in chosen]
+        return examples
 
     def _count_used(self, example) -> None:
         self.used_tasks[example.task] = self.used_tasks.get(example.task, 0) + 1

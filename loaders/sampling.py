@@ -155,22 +155,25 @@ class ADSSampler(_PulledSampler):
     ``pull(task, label) -> example`` (dict with "task", "label", "num_tokens", "embedding"
     float [embedding_dim], "key"). Each ``next_batch()`` tops the pool up to ``pool_size``
     active candidates (BalancedDrawer), then picks a micro-batch of at most ``token_budget``
-    tokens by k-center selection under quotas that steer the cumulative selection towards the
-    target shares. A candidate that waited ``max_wait`` selections is taken first. A candidate
-    longer than ``token_budget`` is returned alone (counted in ``oversize``).
+    tokens (with ``padded_budget``: padded slots, batch size x longest) by k-center selection
+    under quotas that steer the cumulative selection towards the target shares. A candidate
+    that waited ``max_wait`` selections is taken first. A candidate longer than
+    ``token_budget`` is returned alone (counted in ``oversize``).
     """
 
     def __init__(self, pull, tasks: Sequence[str], *, token_budget: int, labels=None, task_weights=None,
                  natural_counts=None, pool_size: int = DEFAULT_ADS_POOL, window: int = DEFAULT_ADS_WINDOW,
                  max_wait: int = DEFAULT_ADS_MAX_WAIT, max_items: int | None = None,
                  embedding_dim: int = DEFAULT_EMBEDDING_DIM, seed=0, implementation: str = "numba",
-                 embed: Callable[[object], np.ndarray] | None = None, puller: StreamPuller | None = None):
+                 embed: Callable[[object], np.ndarray] | None = None, puller: StreamPuller | None = None,
+                 padded_budget: bool = False):
         if implementation not in ("numba", "numpy"):
             raise ADSError(f"implementation must be 'numba' or 'numpy', got {implementation!r}")
         self._owns_puller = puller is None
         self.puller = puller or StreamPuller(pull, DrawCounter(natural_counts))
         self.token_budget, self.pool_size, self.window = int(token_budget), int(pool_size), int(window)
         self.max_wait, self.max_items, self.embedding_dim = int(max_wait), max_items, int(embedding_dim)
+        self.padded_budget = padded_budget   # budget counts padded slots (count x longest), not the sum
         self.labels, self.natural_counts, self.seed = labels, natural_counts, _seed_list(seed)
         self._select = k_center_select if implementation == "numba" else k_center_select_reference
         self.embed = embed or (lambda example: example_field(example, "embedding"))
@@ -244,8 +247,8 @@ class ADSSampler(_PulledSampler):
         quota = self._quotas(lengths[eligible], budget)
         forced = eligible & (np.array([d.waited for d in self._pool]) >= self.max_wait)
         start = pick_start(self._rng, groups, lengths, quota, budget, eligible)
-        return self._select(self._codes, groups, lengths, quota, budget, start,
-                            eligible=eligible, forced=forced, max_items=self.max_items)
+        return self._select(self._codes, groups, lengths, quota, budget, start, eligible=eligible, forced=forced,
+                            max_items=self.max_items, padded=self.padded_budget)
 
     def next_batch(self, token_budget: int | None = None) -> list:
         """The next micro-batch (examples as pulled), at most ``token_budget`` tokens (default: the
@@ -387,10 +390,12 @@ class StageSampler:
                  label_counts: Mapping[StreamId, int], natural_counts: Mapping[StreamId, int],
                  labels: Mapping[str, Sequence[str]], config: ScheduleConfig | None = None, seed=0,
                  active_tasks=None, task_weights=None, sampler: str = "random",
-                 embeddings: EmbeddingSource | None = None, implementation: str = "numba"):
+                 embeddings: EmbeddingSource | None = None, implementation: str = "numba",
+                 padded_budget: bool = True):
         self.token_budget, self.config = int(token_budget), config or ScheduleConfig()
         self.mixing_counts, self.label_counts, self.labels = dict(mixing_counts), dict(label_counts), dict(labels)
         self.seed, self.implementation = _seed_list(seed), implementation
+        self.padded_budget = padded_budget   # False for packed rows: the budget is the lengths' sum
         self.embeddings = embeddings or EmbeddingSource(self.config.embedding_dim)
         self.puller = StreamPuller(None, DrawCounter(natural_counts))
         self.builds = 0
@@ -431,7 +436,14 @@ class StageSampler:
         cfg = self.config
         return ADSSampler(None, self.tasks, labels=self.labels, natural_counts=self.label_counts, pool_size=cfg.ads_pool,
                           window=cfg.ads_window, max_wait=cfg.ads_max_wait, embedding_dim=cfg.embedding_dim,
-                          implementation=self.implementation, embed=self._embed, **common)
+                          implementation=self.implementation, embed=self._embed, padded_budget=self.padded_budget,
+                          **common)
+
+    @property
+    def selects_micro_batches(self) -> bool:
+        """True when each group returned by next_examples is one micro-batch as chosen (ADS's
+        k-center selection, within the budget) and must not be regrouped by length."""
+        return self.name == "ads"
 
     def _embed(self, example) -> np.ndarray:
         vector, stored = self.embeddings.lookup(example.shard, example.key, example.features.mean(axis=1))

@@ -2,7 +2,7 @@
 
 Stages (one chain per rank x DataLoader worker, called a *slot*):
 
-    shard URLs (braces expanded, checked at start)
+    shard URLs (braces expanded, checked at start; loaders.shards)
       -> per epoch: seeded shard reshuffle, then this slot's share ``order[slot::num_slots]``
       -> tar samples (``<key>.json`` + ``<key>.<audio ext>``)
       -> StreamReader per (source, task, label): decides from the JSON alone, before any
@@ -24,6 +24,10 @@ diverse subset of a candidate pool)::
         def state_dict(self) -> dict          # JSON-serializable
         def load_state_dict(self, state: dict) -> None
 
+    optional: set_stage(active_tasks, task_weights, sampler_name) (stage switches with a sampler
+    change), counts() -> {"pending": n, ...} (samples it holds), selects_micro_batches (each
+    returned group is one micro-batch as chosen), max_rewind (see below).
+
 ``source.pull(task, label=None, source=None)`` returns the next prepared Example of that
 stream (bad samples skipped and counted on the way); ``label`` selects a per-(task, label)
 stream of did/ser. ``source.data_counts`` holds the examples per source, task and label
@@ -31,9 +35,10 @@ stream of did/ser. ``source.data_counts`` holds the examples per source, task an
 JSON-only scan). A sampler that keeps candidates between calls (a pool) stores them in its
 state as (stream, key) records and, on load, re-reads them: it sets ``max_rewind`` (how many
 examples per stream it may step back) and calls ``source.rewind(task, label, n)``; the next
-``n`` pulls of that stream return the same examples again, uncounted. Pooled examples count
-as pending in the pipeline's counts only once returned; a sampler reports its own pool size.
-``ProportionalSampler`` is natural mixing: tasks drawn in proportion to their data.
+``n`` pulls of that stream (over all sources) return the same examples again, from the same
+sources, uncounted. ``source.keep_history(stream, n)`` lets it say how far back it still
+needs, so saved states stay small. A sampler reports the samples it holds (``counts()``
+"pending"); the pipeline counts them as pending. The samplers are in loaders.sampling.
 
 Shuffling is by blocks: a stream fills ``shuffle_buffer`` examples, permutes them with an
 RNG seeded by (seed, stream, block number) and hands them out. The state of a stream is its
@@ -61,6 +66,7 @@ import numpy as np
 from loaders.audio import TARGET_SAMPLE_RATE, AudioError, decode_audio, probe_duration
 from loaders.features import log_mel, num_frames
 from loaders.prompts import audio_token_count, build_prompt_ids, instruction_language, instruction_text, target_token_count
+from loaders.shards import AUDIO_EXTENSIONS  # noqa: F401  (the reader's list; make_shards checks against it)
 from loaders.shards import LABELLED_TASKS, RawSample, ShardError, iter_tar_samples, shard_order
 from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record
 
@@ -90,10 +96,15 @@ class Example:
     audio_seconds: float
     origin: tuple = ()  # (worker, ordinal) set by the producer; used for exact resume
     embedding_stored: bool | None = None  # ADS only: True = stored aligner vector, False = fallback
+    selected_together: bool = False  # set by the producer: this example's group is one chosen micro-batch
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+# See StreamReader._max_empty_epochs.
+EMPTY_SLOT_EPOCHS_PER_SLOT = 4
 
 
 class ErrorCounter:
@@ -201,6 +212,15 @@ class StreamReader:
         return True
 
     # --- blocks ---------------------------------------------------------------------------
+    def _max_empty_epochs(self) -> int:
+        """Whole epochs without one example before the stream is called empty. With one slot an
+        empty epoch means the data has none. With several, a slot reads 1/num_slots of the
+        shards per epoch, reshuffled each epoch, so a rare label kept in a few shards (a
+        per-label ADS stream) can miss it for several epochs in a row: allow
+        EMPTY_SLOT_EPOCHS_PER_SLOT x num_slots of them (about that many reads of all the shards'
+        JSON; no audio is decoded)."""
+        return 1 if self.num_slots == 1 else EMPTY_SLOT_EPOCHS_PER_SLOT * self.num_slots
+
     def _fill_block(self) -> None:
         replay = self.block_number <= self.high_block
         read_before, silent_before = self.read, self.errors.silent
@@ -225,11 +245,11 @@ class StreamReader:
                 if self.block:
                     break
                 empty_epochs += 1
-                if empty_epochs > 1:
-                    raise ShardError(f"stream {self.name}: a whole epoch of this slot's shards "
-                                     f"{self._slot_shards(self.epoch)} holds no usable {self.task} example"
-                                     f"{' labelled ' + self.label if self.label else ''}; drop the task from the "
-                                     "mix or give it data")
+                if empty_epochs > self._max_empty_epochs():
+                    raise ShardError(f"stream {self.name}: {empty_epochs - 1} whole epoch(s) of this slot's shares of "
+                                     f"the shards (the last: {self._slot_shards(self.epoch)}) hold no usable "
+                                     f"{self.task} example{' labelled ' + self.label if self.label else ''}; drop "
+                                     "the task from the mix, give it data, or spread it over more shards")
                 continue
             sample, epoch = raw
             if self._accepts(sample, epoch):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from loaders.tasks import TASKS
-from loaders.ads import (ADSError, ADSSampler, BalancedDrawer, EmbeddingSource, ProportionalSampler,
-                         balanced_streams, decode_embedding_member, fallback_embedding, k_center_select,
-                         k_center_select_reference, pick_start, quantize_embeddings, read_embedding_sidecar,
-                         sidecar_path, stream_counts, write_embedding_sidecar)
+from loaders.ads import (ADSError, BalancedDrawer, balanced_streams, k_center_select, k_center_select_reference,
+                         pick_start, quantize_embeddings, stream_counts)
+from loaders.embeddings import (EmbeddingSource, decode_embedding_member, fallback_embedding, read_embedding_sidecar,
+                                sidecar_path, write_embedding_sidecar)
+from loaders.sampling import ADSSampler, ProportionalSampler
 
 DIM = 24                      # small embedding size keeps the tests fast; the bench uses 256
 SKEW = {"egy": 0.8, "glf": 0.2}
@@ -64,21 +65,27 @@ def random_pool(rng, m, d, n_groups):
     return codes, groups, lengths
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("m,d,n_groups,budget", [(37, 33, 3, 1500), (501, 24, 7, 9000), (1531, 256, 11, 20000)])
-def test_numba_and_reference_select_the_same_indices(m, d, n_groups, budget):
+def test_numba_and_reference_select_the_same_indices(m, d, n_groups, budget, padded):
     rng = np.random.default_rng(m)
+    budget = 2 * budget if padded else budget   # padded slots cost more than the lengths' sum
     for trial in range(4):
         codes, groups, lengths = random_pool(rng, m, d, n_groups)
         quota = rng.integers(0, 6, n_groups)
         eligible = rng.random(m) < 0.9
         forced = rng.random(m) < (0.02 if trial % 2 else 0.0)
         start = pick_start(rng, groups, lengths, quota, budget, eligible)
-        fast = k_center_select(codes, groups, lengths, quota, budget, start, eligible=eligible, forced=forced)
-        reference = k_center_select_reference(codes, groups, lengths, quota, budget, start, eligible=eligible,
-                                              forced=forced)
+        kwargs = dict(eligible=eligible, forced=forced, padded=padded)
+        fast = k_center_select(codes, groups, lengths, quota, budget, start, **kwargs)
+        reference = k_center_select_reference(codes, groups, lengths, quota, budget, start, **kwargs)
         assert len(fast) > 3
         np.testing.assert_array_equal(fast, reference)
-        assert lengths[fast].sum() <= budget and eligible[fast].all() and len(set(fast.tolist())) == len(fast)
+        cost = len(fast) * lengths[fast].max() if padded else lengths[fast].sum()
+        assert cost <= budget and eligible[fast].all() and len(set(fast.tolist())) == len(fast)
+        if padded:   # the padded budget is binding: the sum rule would have taken more
+            assert len(fast) < len(k_center_select(codes, groups, lengths, quota, budget, start, eligible=eligible,
+                                                   forced=forced))
 
 
 def test_numba_and_reference_agree_when_distances_tie():

@@ -14,7 +14,8 @@ from loaders.audio import decode_audio
 from loaders.config import DataConfig
 from loaders.pipeline import TrainStream, build_val_batches, demo_shard_urls
 from loaders.prompts import IGNORE_INDEX, IM_END, audio_token_count
-from loaders.stream import ExampleSource, ShardError, iter_tar_samples
+from loaders.shards import ShardError, iter_tar_samples
+from loaders.stream import ExampleSource
 from loaders.tasks import TASK_IDS, TASKS, tasks_of_record
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "arabic-speech"

@@ -11,10 +11,10 @@ import soundfile
 
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.config import DataConfig
-from loaders.stream import (
-    DataError, ExampleSource, ShardError, check_enough_shards, check_shards_exist, count_examples, expand_urls,
-    iter_tar_samples, shard_order,
+from loaders.shards import (
+    ShardError, check_enough_shards, check_shards_exist, count_examples, expand_urls, iter_tar_samples, shard_order,
 )
+from loaders.stream import DataError, ExampleSource
 from loaders.tasks import TASKS, TARGET_FIELDS
 
 
@@ -224,6 +224,46 @@ def test_rewind_re_reads_the_same_examples_without_counting_them_again(bad_shard
     assert [reference.pull("asr").key for _ in range(8)] == first + [after]
     with pytest.raises(ValueError, match="cannot step back 9"):
         source.rewind("asr", n=9)
+
+
+def test_rewind_over_several_sources_repeats_the_same_sources_in_order(tmp_path, tokenizer):
+    """With two sources a stream's pulls alternate between them by a seeded draw; a rewind
+    steps each source's reader back and replays the same sources, so the keys come back in
+    order and the stream then goes on exactly as one that never stepped back."""
+    sources = [[write_shard(tmp_path / f"{name}.tar", [m for i in range(6) for m in good(f"{name}-{i}", 20 + i)])]
+               for name in ("x", "y")]
+    counts = {s: {"tasks": {"asr": 6}, "labels": {}} for s in range(2)}
+    cfg = bad_config(shuffle_buffer=2)
+
+    def make(max_rewind):
+        return ExampleSource(sources, cfg, tokenizer, counts, slot=0, num_slots=1, seed=4, max_rewind=max_rewind)
+    source = make(16)
+    first = [source.pull("asr").key for _ in range(8)]
+    assert {k[0] for k in first} == {"x", "y"}
+    before = source.counts()
+    source.rewind("asr", n=6)
+    assert [source.pull("asr").key for _ in range(6)] == first[2:]
+    assert source.counts() == before
+    then = [source.pull("asr").key for _ in range(3)]
+    reference = make(0)
+    assert [reference.pull("asr").key for _ in range(11)] == first + then
+    source.keep_history("asr/*", 2)              # a sampler says how far back it still needs
+    with pytest.raises(ValueError, match="cannot step back 3"):
+        source.rewind("asr", n=3)
+
+
+def test_a_rare_label_in_one_shard_reaches_every_slot(tmp_path, tokenizer):
+    """A per-label stream whose label lives in one shard of four: slots that miss that shard in
+    an epoch read on (the shard order is reshuffled each epoch) instead of failing."""
+    urls = [write_shard(tmp_path / f"r-{s}.tar", [m for i in range(2) for m in sample(
+        f"r{s}-{i}", {"dialect": "glf" if s == 0 and i == 0 else "egy"}, wav_bytes(0.3, 10 * s + i))])
+        for s in range(4)]
+    for slot in range(4):
+        source = ExampleSource([urls], bad_config(), tokenizer, {}, slot=slot, num_slots=4, seed=1)
+        assert source.pull("did", "glf").key == "r0-0"
+    with pytest.raises(ShardError, match="labelled lev"):
+        ExampleSource([urls], bad_config(dialects=["egy", "glf", "lev"]), tokenizer, {}, slot=0, num_slots=4,
+                      seed=1).pull("did", "lev")
 
 
 def test_gzipped_shards_read_like_plain_ones(bad_shards, tmp_path):
