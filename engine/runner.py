@@ -23,6 +23,7 @@ from engine.trainer import Trainer, write_summary
 from engine.validation import attach_validation, final_validation
 from kernels.linear_cross_entropy import resolve_loss_impl
 from kernels.lora import resolve_lora_impl
+from profiling.memory_report import format_memory_report, memory_report
 
 log = logging.getLogger("omnitrain")
 
@@ -117,6 +118,8 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
         if prof is not None:
             trainer.hooks["profiler"] = prof
         summary = trainer.train()
+    summary["memory"] = memory_report(model, trainer.optimizer, env.device)
+    say(env, format_memory_report(summary["memory"]))
     summary["eval"] = final_validation(trainer)
     adapter_dir = out / "adapter"
     ckpt.export_adapter(adapter_dir, model, rank=env.rank, lora_cfg=cfg.lora, base_model=cfg.model.path or None)

@@ -38,7 +38,13 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 # triton: step-1 kernels around cuBLAS GEMMs; triton_gemm: the base GEMMs in Triton with the
 # rank-r term in their accumulator. "auto" picks triton on CUDA until a GPU benchmark
 # (profiling/bench_lora.py) shows triton_gemm faster on the device.
-IMPLS = ("auto", "triton", "triton_gemm", "reference")
+# reference: the same math in PyTorch with the kernels' own Philox mask, bit for bit (what the
+# kernels are tested against; the mask costs ~100 integer ops per element in PyTorch).
+# torch: the same math with the mask drawn by torch's RNG from the same seed (one bernoulli
+# pass): what "auto" runs without CUDA, where no kernel result needs matching (measured on
+# the tiny model on CPU: a LoRA step with dropout 0.05 took 2x the dropout-free step with the
+# Philox mask).
+IMPLS = ("auto", "triton", "triton_gemm", "reference", "torch")
 # Philox keys are taken modulo 2**31 so that every seed reaches the kernels as a 32-bit int.
 SEED_MODULUS = 2**31
 # The down projection of lora_mlp reads h = silu(gate) * up, not x: its mask comes from a
@@ -52,7 +58,7 @@ def resolve_lora_impl(impl: str, device) -> str:
         raise ValueError(f"lora.impl={impl!r} is not known; use one of {', '.join(IMPLS)}.")
     on_cuda = torch.device(device).type == "cuda"
     if impl == "auto":
-        return "triton" if on_cuda else "reference"
+        return "triton" if on_cuda else "torch"
     if impl.startswith("triton") and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"lora.impl={impl} needs a CUDA device (tensors are on {device}); "
@@ -432,36 +438,42 @@ def swiglu_backward(dh, gate, up):
 
 
 # ----------------------------------------------------------------------------- reference
-def _reference_dropout(x2d, dropout_p, seed, keep_mask=None):
+def _reference_dropout(x2d, dropout_p, seed, keep_mask=None, rng="philox"):
     if dropout_p == 0.0:
         return x2d
-    if keep_mask is None:
+    if keep_mask is None and rng == "torch":
+        generator = torch.Generator(device=x2d.device).manual_seed(seed)
+        keep_mask = torch.empty(x2d.shape, device=x2d.device).bernoulli_(1.0 - dropout_p, generator=generator)
+    elif keep_mask is None:
         keep_mask = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.device)
     return x2d * keep_mask.to(x2d.dtype) / (1.0 - dropout_p)
 
 
-def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, keep_mask=None):
-    """Plain-PyTorch LoRA linear; autograd gives the gradients. `keep_mask` overrides the seed's mask."""
+def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, keep_mask=None,
+                          rng="philox"):
+    """Plain-PyTorch LoRA linear; autograd gives the gradients. `keep_mask` overrides the seed's
+    mask; rng="torch" draws the mask with torch's RNG instead of the kernels' Philox."""
     seed = _check_seed(dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])
-    dropped = _reference_dropout(x2d, dropout_p, seed, keep_mask)
+    dropped = _reference_dropout(x2d, dropout_p, seed, keep_mask, rng)
     y = F.linear(x2d, weight, bias) + scale * F.linear(F.linear(dropped, lora_A), lora_B)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dropout_p=0.0, seed=None):
+def lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dropout_p=0.0, seed=None,
+                       rng="philox"):
     seed = _check_seed(dropout_p, seed)
-    return tuple(lora_linear_reference(x, w, a, b, scale, bias, dropout_p, seed)
+    return tuple(lora_linear_reference(x, w, a, b, scale, bias, dropout_p, seed, rng=rng)
                  for w, a, b, bias in zip(weights, lora_As, lora_Bs, biases))
 
 
-def lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None):
+def lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, rng="philox"):
     """down(silu(gate(x)) * up(x)), each a LoRA linear without bias (as in Qwen2 MLPs)."""
     seed = _check_seed(dropout_p, seed)
     (wg, wu, wd), (ag, au, ad), (bg, bu, bd) = weights, lora_As, lora_Bs
-    gate = lora_linear_reference(x, wg, ag, bg, scale, None, dropout_p, seed)
-    up = lora_linear_reference(x, wu, au, bu, scale, None, dropout_p, seed)
-    return lora_linear_reference(F.silu(gate) * up, wd, ad, bd, scale, None, dropout_p, _down_seed(seed))
+    gate = lora_linear_reference(x, wg, ag, bg, scale, None, dropout_p, seed, rng=rng)
+    up = lora_linear_reference(x, wu, au, bu, scale, None, dropout_p, seed, rng=rng)
+    return lora_linear_reference(F.silu(gate) * up, wd, ad, bd, scale, None, dropout_p, _down_seed(seed), rng=rng)
 
 
 # ----------------------------------------------------------------------------- fused path
@@ -562,8 +574,9 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
     impl = resolve_lora_impl(impl, x.device)
     _check_shapes("lora_linear", x, weight, lora_A, lora_B)
     seed = _check_seed(dropout_p, seed)
-    if impl == "reference":
-        return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    if impl in ("reference", "torch"):
+        return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed,
+                                     rng="philox" if impl == "reference" else "torch")
     x = _autocast_input(x)
     weight, lora_A, lora_B, bias = _as_input_dtype(x, [weight, lora_A, lora_B, bias])
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
@@ -579,8 +592,9 @@ def lora_qkv(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dro
     if len({a.shape[0] for a in lora_As}) != 1:
         raise ValueError(f"lora_qkv: q, k and v adapters need one rank, got {[a.shape[0] for a in lora_As]}.")
     seed = _check_seed(dropout_p, seed)
-    if impl == "reference":
-        return lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases, dropout_p, seed)
+    if impl in ("reference", "torch"):
+        return lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases, dropout_p, seed,
+                                  rng="philox" if impl == "reference" else "torch")
     x = _autocast_input(x)
     weights, lora_As, lora_Bs, biases = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs, biases))
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")
@@ -630,8 +644,9 @@ def lora_mlp(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=None, impl
     _check_shapes("lora_mlp up", x, weights[1], lora_As[1], lora_Bs[1])
     _check_shapes("lora_mlp down", x.new_empty(0, weights[0].shape[0]), weights[2], lora_As[2], lora_Bs[2])
     seed = _check_seed(dropout_p, seed)
-    if impl == "reference":
-        return lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p, seed)
+    if impl in ("reference", "torch"):
+        return lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p, seed,
+                                  rng="philox" if impl == "reference" else "torch")
     x = _autocast_input(x)
     weights, lora_As, lora_Bs = (_as_input_dtype(x, list(t)) for t in (weights, lora_As, lora_Bs))
     hyper = (float(scale), float(dropout_p), seed, impl == "triton_gemm")

@@ -46,29 +46,35 @@ def fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def bench_train_lines(out_dir: Path) -> list[tuple[str, str]]:
-    for name in ("bench_train.json", "bench_train_ckpt.json"):
+    lines = []
+    for name in ("bench_train.json", "bench_train_ckpt.json"):  # the second: the retry with checkpointing
         report = read_json(out_dir / name)
-        if report is None:
-            continue
-        s, res, cmp_ = report["settings"], report["results"], report.get("comparison") or {}
-        tag = f"bench_train {s['preset']}{' (grad ckpt)' if s.get('gradient_checkpointing') else ''}"
-        failed = [v for v, r in res.items() if "error" in r]
-        if failed:
-            return [(tag, "failed: " + ", ".join(f"{v} {res[v]['error']}" for v in failed))]
-        ours, base = res["ours"], res["baseline"]
-        goals = cmp_.get("goals", {})
+        if report is not None:
+            lines += one_bench_train(report)
+    return lines or [("bench_train", "no bench_train.json")]
 
-        def goal(key):
-            g = goals.get(key)
-            return "" if not g or g["met"] is None else f" (goal {g['target']:g}: {'met' if g['met'] else 'not met'})"
 
-        mfu = f"{ours['mfu'] * 100:.1f}% vs {base['mfu'] * 100:.1f}%" if ours.get("mfu") is not None else "n/a (no peak known)"
-        return [(f"{tag} tokens/s ours | baseline", f"{ours['tokens_per_s']:,.0f} | {base['tokens_per_s']:,.0f}"),
-                (f"{tag} speed-up ours/baseline", fmt(cmp_.get("speedup"), ".2f", "x") + goal("speedup")),
-                (f"{tag} MFU ours vs baseline", mfu + goal("mfu")),
-                (f"{tag} peak GiB ours | baseline", f"{ours['peak_gib']:.1f} | {base['peak_gib']:.1f}, ratio "
-                 + fmt(cmp_.get("memory_ratio"), ".2f", "x") + goal("memory_ratio"))]
-    return [("bench_train", "no bench_train.json")]
+def one_bench_train(report: dict) -> list[tuple[str, str]]:
+    s, res, cmp_ = report["settings"], report["results"], report.get("comparison") or {}
+    tag = f"bench_train {s['preset']}{' (grad ckpt)' if s.get('gradient_checkpointing') else ''}"
+    failed = [v for v, r in res.items() if "error" in r]
+    if failed:
+        return [(tag, "failed: " + ", ".join(f"{v} {res[v]['error']}" for v in failed))] + [
+            (f"{tag} {v} tokens/s | peak GiB", f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f}")
+            for v, r in res.items() if "error" not in r]
+    ours, base = res["ours"], res["baseline"]
+    goals = cmp_.get("goals", {})
+
+    def goal(key):
+        g = goals.get(key)
+        return "" if not g or g["met"] is None else f" (goal {g['target']:g}: {'met' if g['met'] else 'not met'})"
+
+    mfu = f"{ours['mfu'] * 100:.1f}% vs {base['mfu'] * 100:.1f}%" if ours.get("mfu") is not None else "n/a (no peak known)"
+    return [(f"{tag} tokens/s ours | baseline", f"{ours['tokens_per_s']:,.0f} | {base['tokens_per_s']:,.0f}"),
+            (f"{tag} speed-up ours/baseline", fmt(cmp_.get("speedup"), ".2f", "x") + goal("speedup")),
+            (f"{tag} MFU ours vs baseline", mfu + goal("mfu")),
+            (f"{tag} peak GiB ours | baseline", f"{ours['peak_gib']:.1f} | {base['peak_gib']:.1f}, ratio "
+             + fmt(cmp_.get("memory_ratio"), ".2f", "x") + goal("memory_ratio"))]
 
 
 def lora_lines(out_dir: Path) -> list[tuple[str, str]]:
@@ -97,11 +103,12 @@ def summarize(out_dir: Path) -> tuple[str, dict]:
     stages = read_stages(out_dir)
     results = bench_train_lines(out_dir) + lora_lines(out_dir) + cross_entropy_lines(out_dir)
     env = read_json(out_dir / "env.json") or {}
+    name_width = max([len(str(s.get("stage", "?"))) + 2 for s in stages] + [22])
     lines = [f"gpu_check summary: {env.get('device', '?')} | torch {env.get('torch', '?')} | {out_dir}",
-             f"{'stage':<22}{'status':<10}{'seconds':>8}  note"]
+             f"{'stage':<{name_width}}{'status':<10}{'seconds':>8}  note"]
     for s in stages:
         secs = "" if s.get("seconds") is None else str(s["seconds"])
-        lines.append(f"{s.get('stage', '?'):<22}{s.get('status', '?'):<10}{secs:>8}  {s.get('note', '')}")
+        lines.append(f"{s.get('stage', '?'):<{name_width}}{s.get('status', '?'):<10}{secs:>8}  {s.get('note', '')}")
     width = max(len(k) for k, _ in results) + 2
     lines += [""] + [f"{key:<{width}}{value}" for key, value in results]
     return "\n".join(lines), {"env": env, "stages": stages, "results": dict(results)}

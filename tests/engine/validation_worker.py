@@ -22,7 +22,7 @@ from engine.model import build_model  # noqa: E402
 from engine.parallel import apply_parallelism, init_distributed  # noqa: E402
 from engine.tokenizer import build_tiny_tokenizer  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from engine.validation import Validator, attach_validation, final_validation  # noqa: E402
+from engine.validation import Validator  # noqa: E402
 
 # tpc over 3 steps: stage [asr] at step 0, [asr, sum] from step 1, all tasks from step 2.
 SETTINGS = ["max_steps=3", "eval.every=2", "eval.max_samples=10", "eval.max_new_tokens=8",
@@ -55,21 +55,16 @@ def standalone_validation(cfg, env) -> dict:
 
 
 def train_with_validation(cfg) -> list[int]:
-    """runner.run_training, with the trainer wired as the runner wires validation."""
+    """runner.run_training (which attaches validation), with a hook registered before it that
+    must keep running next to the validation hooks."""
     steps_seen = []
 
-    class ValidatedTrainer(Trainer):
+    class HookedTrainer(Trainer):
         def __init__(self, cfg, env, model, *args, **kwargs):
             super().__init__(cfg, env, model, *args, **kwargs)
-            self.hooks["after_step"] = lambda t: steps_seen.append(t.state.step)  # must keep running
-            attach_validation(self, cfg, env, model, runner.build_tokenizer(cfg))
+            self.hooks["after_step"] = lambda t: steps_seen.append(t.state.step)
 
-        def train(self):
-            summary = super().train()
-            summary["eval"] = final_validation(self)
-            return summary
-
-    runner.Trainer = ValidatedTrainer
+    runner.Trainer = HookedTrainer
     runner.run_training(cfg)  # ends with close_distributed()
     return steps_seen
 

@@ -82,7 +82,7 @@ def run(fn, inputs, grad_out_seed=2):
 
 # ----------------------------------------------------------------------------- choice of implementation
 def test_resolve_lora_impl(monkeypatch):
-    assert resolve_lora_impl("auto", "cpu") == "reference"
+    assert resolve_lora_impl("auto", "cpu") == "torch"
     assert resolve_lora_impl("reference", "cpu") == "reference"
     assert resolve_lora_impl("auto", torch.device("cuda", 0)) == "triton"
     with pytest.raises(ValueError, match="not known"):
@@ -331,3 +331,21 @@ def test_activation_checkpointing_replays_the_mask(impl):
         assert torch.equal(a, e)
     torch.manual_seed(6)
     assert not torch.equal(run(lambda: layer(x), (x, lora_A, lora_B))[0][0], plain[0][0])
+
+
+def test_torch_rng_impl_is_the_same_math_with_its_own_seeded_mask():
+    """impl="torch" (the CPU default): deterministic for a seed, a different seed draws a
+    different mask, keep rate ~ 1 - p, and with dropout 0 it equals the reference exactly."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(47, 123, generator=g)
+    w, a, b = torch.randn(95, 123, generator=g), torch.randn(8, 123, generator=g), torch.randn(95, 8, generator=g)
+    y0 = lora_linear(x, w, a, b, 2.0, dropout_p=0.0, impl="torch")
+    torch.testing.assert_close(y0, lora_linear(x, w, a, b, 2.0, dropout_p=0.0, impl="reference"))
+    y1 = lora_linear(x, w, a, b, 2.0, dropout_p=0.3, seed=11, impl="torch")
+    torch.testing.assert_close(y1, lora_linear(x, w, a, b, 2.0, dropout_p=0.3, seed=11, impl="torch"), rtol=0, atol=0)
+    assert not torch.allclose(y1, lora_linear(x, w, a, b, 2.0, dropout_p=0.3, seed=12, impl="torch"))
+    # keep rate: the adapter input x~ = mask * x / (1 - p); recover the mask from x~ A^T with A = I
+    eye = torch.eye(123)
+    probe = lora_linear(x, torch.zeros(123, 123), eye, eye, 1.0, dropout_p=0.3, seed=11, impl="torch")
+    kept = (probe != 0).float().mean().item()
+    assert abs(kept - 0.7) < 0.03
