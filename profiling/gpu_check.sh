@@ -2,6 +2,7 @@
 # The GPU check of omnitrain, for one CUDA machine with torch, triton, transformers and peft:
 #   1. the fused LoRA kernels: bf16 GPU tests + benchmark at 7B shapes   (profiling/gpu/lora.sh)
 #   2. fused linear cross-entropy: bf16 GPU tests + benchmark at 7B head (profiling/gpu/linear_cross_entropy.sh)
+#      + packing/attention backends and Liger ops: bf16 GPU tests (tests/engine/test_attention.py -m gpu)
 #   3. bench_train --preset 7b: omnitrain against HF Trainer + PEFT, few steps
 #   4. one short table (profiling/gpu_summary.py), printed last.
 #
@@ -138,6 +139,10 @@ run_fragment() {  # run_fragment NAME MAX_S
 }
 run_fragment lora 200
 run_fragment linear_cross_entropy 150
+# Packing and attention backends (flash_attn / torch varlen) and Liger's ops, bf16 on the GPU.
+if [ "$DRY" != "1" ]; then
+    run_stage attention_gpu_tests 60 "$BENCH_S" "$PYTHON" -m pytest tests/engine/test_attention.py -m gpu -q -x -p no:cacheprovider
+fi
 
 # --- 3. end to end: bench_train at the 7b preset ---------------------------------------------
 if [ "$DRY" = "1" ]; then
