@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,25 +192,3 @@ def _flatten(row: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-class StepTimer:
-    """Wall time of a step split into data wait and compute."""
-
-    def __init__(self):
-        self.data_s = 0.0
-        self.total_s = 0.0
-        self._t0 = time.perf_counter()
-
-    def reset(self) -> None:
-        self.data_s = 0.0
-        self.total_s = 0.0
-        self._t0 = time.perf_counter()
-
-    def add_data(self, seconds: float) -> None:
-        self.data_s += seconds
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        self.total_s = now - self._t0
-        return self.total_s

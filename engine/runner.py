@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.profiler import record_function
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig
-from engine.metrics import (MetricsWriter, StepTimer, batch_flops_inputs, device_peak_flops, flops_model_of,
+from engine.metrics import (MetricsWriter, batch_flops_inputs, device_peak_flops, flops_model_of,
                             format_line, peak_memory_gib)
 from engine.parallel import DistEnv, all_reduce_sum
 from loaders.packing import token_slots

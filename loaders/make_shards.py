@@ -48,7 +48,7 @@ INDEX_FORMAT = 1
 # Keys: what WebDataset groups reliably (it splits a member name at the first dot and treats
 # "/" as a folder) and what fits a ustar member name with room for the extension.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,119}$")
-# Audio member extensions the streaming reader recognises (loaders.stream.AUDIO_EXTENSIONS;
+# Audio member extensions the streaming reader recognises (loaders.shards.AUDIO_EXTENSIONS;
 # a test keeps the two equal): a file under any other name would reach training as
 # "json without audio".
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3", "oga", "aiff", "aif")

@@ -66,7 +66,6 @@ import numpy as np
 from loaders.audio import TARGET_SAMPLE_RATE, AudioError, decode_audio, probe_duration
 from loaders.features import log_mel, num_frames
 from loaders.prompts import audio_token_count, build_prompt_ids, instruction_language, instruction_text, target_token_count
-from loaders.shards import AUDIO_EXTENSIONS  # noqa: F401  (the reader's list; make_shards checks against it)
 from loaders.shards import LABELLED_TASKS, RawSample, ShardError, iter_tar_samples, shard_order
 from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record
 

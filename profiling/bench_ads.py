@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from loaders.ads import balanced_streams, k_center_select, k_center_select_reference, pick_start, quantize_embeddings
 from loaders.curriculum import DEFAULT_ADS_POOL, DEFAULT_EMBEDDING_DIM
 from loaders.tasks import TASKS
+from profiling.provenance import git_revision, cpu_name as device_name
 
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_ads.csv"
 POOLS = [DEFAULT_ADS_POOL, 1024, 4096, 16384]
@@ -41,22 +40,8 @@ TOKEN_BUDGET = 16384
 NUMBA_REPS, NUMPY_REPS = 20, 3
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_pool(m: int, dim: int, seed: int):

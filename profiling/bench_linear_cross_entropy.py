@@ -29,6 +29,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from profiling.provenance import git_revision
 
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_linear_cross_entropy.csv"
 # Qwen2.5-Omni-7B thinker (its config.json): vocab_size 152064, hidden_size 3584.
@@ -45,12 +46,6 @@ LOSS_AGREEMENT_RTOL = 2e-2  # bf16 logits of the GPU variants differ by rounding
 MIB = 1 << 20
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
 # ----------------------------------------------------------------------------- one step per variant

@@ -23,12 +23,12 @@ import csv
 import datetime
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+from profiling.provenance import git_revision, cpu_name as device_name
 
 RESULTS = Path(__file__).parent / "results"
 RESULTS_CSV = RESULTS / "bench_loader.csv"
@@ -37,17 +37,8 @@ WARMUP_STEPS = 2  # fills the shuffle blocks and starts the workers; not timed
 WORKER_COUNTS = (0, 1, 2)
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
-def device_name() -> str:
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def measure(cfg, tokenizer, seconds: float) -> dict:

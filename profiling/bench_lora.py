@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv
+from profiling.provenance import git_revision
 
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_lora.csv"
 # Qwen2.5-Omni-7B thinker (its config.json): hidden 3584, intermediate 18944, 28 query heads and
@@ -49,12 +49,6 @@ GPU_WARMUP, GPU_REPS = 3, 10
 CPU_WARMUP, CPU_REPS = 1, 5
 
 
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
 
 
 # ----------------------------------------------------------------------------- layers under test

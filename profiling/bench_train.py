@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from profiling.memory_report import format_memory_report, memory_report
+from profiling.provenance import git_revision
 
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_train.csv"
 VARIANTS = ("ours", "baseline")
@@ -52,15 +53,6 @@ PROMPT_TOKENS = 40  # system + instruction around the audio, in Qwen tokens
 TARGET_TOKENS = {"asr": (40, 160), "sum": (30, 80), "did": (2, 4), "ser": (2, 4)}
 # Random text ids stay below Qwen's special/vision ids (151643+) so no id is read as an image.
 TEXT_ID_RANGE = (300, 151000)
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- the batches

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, RunConfig, available_recipes, load_config, save_config
+from engine.config import ConfigError, available_recipes, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 

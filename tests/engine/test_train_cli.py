@@ -2,10 +2,8 @@
 import json
 import math
 import subprocess
-import sys
 
 import pytest
-import torch
 
 from conftest import CLI_SETTINGS, CLI_STEPS, REPO, TORCHRUN, read_metrics, run_cli, step_rows
 

@@ -209,5 +209,5 @@ def test_tasks_of_record_reads_targets_and_explicit_task():
 def test_audio_extensions_match_the_streaming_reader():
     """A shard member under an extension the reader does not know would be lost at training."""
     from loaders.make_shards import AUDIO_EXTENSIONS
-    from loaders.stream import AUDIO_EXTENSIONS as READER_EXTENSIONS
+    from loaders.shards import AUDIO_EXTENSIONS as READER_EXTENSIONS
     assert set(AUDIO_EXTENSIONS) == set(READER_EXTENSIONS)
