@@ -180,10 +180,11 @@ def test_position_rows_equal_transformers_rope_index_of_each_sample(setup):
     model, tokenizer, examples = setup
     batch = collate_packed(examples, tokenizer.pad_token_id)
     cu = batch["cu_seqlens"].tolist()
-    inner = model.thinker.model
+    # transformers moved get_rope_index from the thinker to its inner model during 5.x
+    owner = model.thinker.model if hasattr(model.thinker.model, "get_rope_index") else model.thinker
     for e, a, b in zip(examples, cu[:-1], cu[1:]):
         ids = torch.from_numpy(e.input_ids)[None]
-        want, _ = inner.get_rope_index(ids, None, None, torch.ones_like(ids), False,
+        want, _ = owner.get_rope_index(ids, None, None, torch.ones_like(ids), False,
                                        torch.tensor([e.features.shape[1]]), None)
         assert torch.equal(batch["position_ids"][1:, :, a:b], want), e.key
         assert batch["position_ids"][0, 0, a:b].tolist() == list(range(b - a))
