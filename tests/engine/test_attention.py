@@ -297,7 +297,7 @@ def test_short_packed_training_run_lowers_the_loss():
             total, count = total + float(loss_sum), count + int(n_valid)
         optimizer.step()
         losses.append(total / count)
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # seeded: 6.04 -> 5.14 measured
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # seeded: 6.05 -> 2.56 measured
     assert losses[-1] < 0.9 * losses[0], losses
 
 
