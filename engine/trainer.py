@@ -176,7 +176,8 @@ class Trainer:
         global_targets, global_tokens, global_slots = int(counts[0]), int(counts[1]), int(counts[2])
         # FSDP averages gradients over ranks; scaling by world size turns that into the sum.
         scale = env.world_size / max(global_targets, 1)
-        stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64)
+        # Summed on the device and read once after the loop: no host sync per micro-batch.
+        stats = torch.zeros(1 + 2 * len(TASKS), dtype=torch.float64, device=env.device)
         flops = 0.0
         inject = (self.state.step + 1) in self.cfg.debug.nonfinite_loss_at  # 1-based, as logged
         for i, mb in enumerate(micro_batches):
@@ -187,11 +188,11 @@ class Trainer:
                 loss = loss * float("nan")
             with record_function("backward"):
                 loss.backward()
-            stats[0] += float(out["loss_sum"].detach()) * (float("nan") if inject else 1.0)
-            stats[1:1 + len(TASKS)] += out["per_task_loss_sum"].detach().double().cpu()
-            stats[1 + len(TASKS):] += out["per_task_count"].detach().double().cpu()
+            stats[0] += out["loss_sum"].detach().double() * (float("nan") if inject else 1.0)
+            stats[1:1 + len(TASKS)] += out["per_task_loss_sum"].detach().double()
+            stats[1 + len(TASKS):] += out["per_task_count"].detach().double()
             flops += self.flops.step_flops(**batch_flops_inputs(mb))
-        stats = all_reduce_sum(stats.to(env.device)).cpu()
+        stats = all_reduce_sum(stats).cpu()
         loss_value = float(stats[0]) / max(global_targets, 1)
         per_task = {t: float(stats[1 + i] / stats[1 + len(TASKS) + i])
                     for i, t in enumerate(TASKS) if stats[1 + len(TASKS) + i] > 0}

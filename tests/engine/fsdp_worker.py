@@ -13,14 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 from engine.config import load_config  # noqa: E402
 from engine.model import build_model  # noqa: E402
 from engine.parallel import apply_parallelism, close_distributed, init_distributed  # noqa: E402
 from engine.tokenizer import build_tiny_tokenizer  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from synthetic_batches import FixedStream  # noqa: E402
+from synthetic_batches import FixedStream, randomize_lora_b  # noqa: E402
 
 
 def main() -> None:
@@ -34,11 +32,7 @@ def main() -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
     # LoRA B starts at zero; give it values so the first step's gradients reach A too.
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.02)
+    randomize_lora_b(model, std=0.02)
     apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
     stream = FixedStream(tokenizer, rank=env.rank, world_size=env.world_size, global_micro=global_micro)
     rows = []

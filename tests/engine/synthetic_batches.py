@@ -71,3 +71,12 @@ class FixedStream:
 
     def counts(self) -> dict:
         return {}
+
+
+def randomize_lora_b(model, std: float, seed: int = 7) -> None:
+    """LoRA B starts at zero, which hides the adapter path: give it seeded random values."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, std)

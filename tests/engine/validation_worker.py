@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -23,6 +24,7 @@ from engine.parallel import apply_parallelism, init_distributed  # noqa: E402
 from engine.tokenizer import build_tiny_tokenizer  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from engine.validation import Validator  # noqa: E402
+from synthetic_batches import randomize_lora_b  # noqa: E402
 
 # tpc over 3 steps: stage [asr] at step 0, [asr, sum] from step 1, all tasks from step 2.
 SETTINGS = ["max_steps=3", "eval.every=2", "eval.max_samples=10", "eval.max_new_tokens=8",
@@ -39,11 +41,7 @@ def standalone_validation(cfg, env) -> dict:
     tokenizer = build_tiny_tokenizer()
     model = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, env.device)
     # LoRA B starts at zero; random values make the adapters part of what is validated.
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
+    randomize_lora_b(model, std=0.05)
     apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
     model.train()
     rng_before = torch.get_rng_state()
