@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.lora import peft_state_dict, save_peft_adapter
+from engine.lora import peft_module_tensors, peft_state_dict, save_peft_adapter
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -132,12 +132,27 @@ def clean_module_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
+def full_module_state(module) -> dict[str, torch.Tensor]:
+    """A module's state dict unsharded on the CPU (collective under FSDP2: every rank calls)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+            for name, t in module.state_dict().items()}
+
+
 def export_adapter(out_dir: Path, model, *, rank: int, lora_cfg, base_model: str | None) -> Path | None:
     """Gather the LoRA weights on rank 0 and write a PEFT adapter folder (collective: all ranks call)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    # A trained audio tower is saved whole (PEFT's modules_to_save wants every tensor of the
+    # module, frozen ones included): gathered here, on every rank, in one order.
+    tower = full_module_state(model.audio_tower) if model.train_audio_encoder else {}
     if rank != 0:
         return None
-    lora = {clean_module_name(k): v for k, v in full.items() if k.endswith((".lora_A", ".lora_B"))}
-    tensors = peft_state_dict(lora, prefix_in_model="thinker.")
+    tensors = peft_state_dict({clean_module_name(k): v for k, v in full.items()}, prefix_in_model="thinker.")
+    modules_to_save = None
+    if model.train_audio_encoder:
+        path = model.parts.audio_path
+        tensors.update(peft_module_tensors({f"thinker.{path}.{k}": v for k, v in tower.items()}, path, "thinker."))
+        modules_to_save = [path.rsplit(".", 1)[-1]]
     return save_peft_adapter(out_dir, tensors, rank=lora_cfg.rank, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout,
-                             target_regex=model.lora_pattern, base_model=base_model)
+                             target_regex=model.lora_pattern, base_model=base_model, modules_to_save=modules_to_save)

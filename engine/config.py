@@ -41,10 +41,11 @@ class ModelConfig:
     path: str = ""  # local Hugging Face Qwen2.5-Omni checkpoint folder
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     train_audio_encoder: bool = False
-    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa | eager (engine/attention.py)
+    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa_varlen | sdpa | eager (engine/attention.py)
     liger: bool | str = "auto"  # auto (on CUDA) | true | false: Liger's RMSNorm, SwiGLU, M-RoPE on the LLM
     gradient_checkpointing: bool = False
     compile: bool = False
+    fsdp: bool | str = "auto"  # auto (with >1 process or on CUDA) | true | false: FSDP2 wrapping (engine/parallel.py)
     seed: int = 0  # seed of the random init of the presets
 
 
@@ -55,6 +56,9 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     impl: str = "auto"  # auto | triton | reference
+    # auto (= on) | true | false: q/k/v and gate/up/down of a layer as one grouped kernel call each
+    # (engine/lora.py); layers whose targets are partial keep per-projection LoRA.
+    grouped: bool | str = "auto"
 
 
 @dataclass

@@ -400,7 +400,7 @@ def check_run_folder(run_dir: Path, adapter_dir: Path | None) -> tuple[Path, Pat
 def _config_for_split(cfg, split: str):
     """Point data.val at the split's shards: the validator reads data.val."""
     if split == "train":
-        from loaders.pipeline import resolve_sources
+        from loaders.sources import resolve_sources
 
         urls = [url for source in resolve_sources(cfg.data, "train") for url in source]
         cfg.data = dataclasses.replace(cfg.data, val=urls)

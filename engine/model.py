@@ -20,9 +20,10 @@ from torch import nn
 from torch.profiler import record_function
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-from engine.attention import apply_liger, packed_hidden_states, resolve_attn_backend, resolve_liger, set_attn_backend
+from engine.attention import (apply_liger, llm_attention_mask, packed_hidden_states, resolve_attn_backend, resolve_liger,
+                              set_attn_backend)
 from engine.config import LoRAConfig, LossConfig, ModelConfig
-from engine.lora import apply_lora, lora_target_regex
+from engine.lora import apply_lora, apply_lora_grouping, lora_target_regex, resolve_lora_grouped
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, tiny_vocab_rows
 from kernels.linear_cross_entropy import linear_cross_entropy
 from loaders.tasks import TASKS
@@ -258,7 +259,8 @@ class OmniLoRAModel(nn.Module):
         with record_function("forward.llm"):
             embeds = self.embed(batch["input_ids"], audio)
             positions = text_position_ids(batch["attention_mask"])
-            out = self.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions,
+            mask = llm_attention_mask(batch["attention_mask"], self.llm.config._attn_implementation)
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                            use_cache=False)
         return out.last_hidden_state
 
@@ -346,16 +348,37 @@ def build_model(mcfg: ModelConfig, lcfg: LoRAConfig, loss_cfg: LossConfig, token
     parts = locate_parts(thinker)
     if mcfg.train_audio_encoder:
         parts.audio_tower.requires_grad_(True)
+        # Defined by transformers' encoder but never used in its forward: a trainable parameter
+        # without a gradient has no optimizer state, and resuming the optimizer would fail on it.
+        parts.audio_tower.audio_bos_eos_token.requires_grad_(False)
         parts.audio_tower.float()
     pattern = lora_target_regex(parts.llm_path + ".layers", lcfg.targets)
     torch.manual_seed(mcfg.seed + 1)
     replaced = apply_lora(thinker, pattern, lcfg.rank, lcfg.alpha, lcfg.dropout, lcfg.impl)
     if resolve_liger(mcfg.liger, device):
         apply_liger(parts.llm)  # after LoRA: its SwiGLU calls the LoRA-wrapped projections
+    grouping = group_lora(parts.llm, lcfg)  # after Liger: the grouped MLP replaces its SwiGLU
     model = OmniLoRAModel(thinker, train_audio_encoder=mcfg.train_audio_encoder, loss_cfg=loss_cfg)
     model.lora_pattern = pattern
     model.lora_modules = replaced
+    model.lora_grouping = grouping
     return model
+
+
+def group_lora(llm: nn.Module, lcfg: LoRAConfig) -> dict[str, int]:
+    """`lora.grouped`: q/k/v and gate/up/down as grouped kernel calls where the targets allow it."""
+    layers = len(llm.layers)
+    if not resolve_lora_grouped(lcfg.grouped):
+        log.info("LoRA: impl=%s, per-projection (lora.grouped=false)", lcfg.impl)
+        return {"qkv": 0, "mlp": 0}
+    made = apply_lora_grouping(llm.layers, llm.config.hidden_act)
+    if lcfg.grouped in (True, "true") and not any(made.values()):
+        raise ValueError(f"lora.grouped=true but no layer can be grouped with lora.targets={lcfg.targets}: grouping "
+                         "needs all of q_proj, k_proj, v_proj or all of gate_proj, up_proj, down_proj; add them, or "
+                         "set lora.grouped=auto or false")
+    log.info("LoRA: impl=%s, grouped q/k/v in %d/%d layers, grouped gate/up/down in %d/%d layers",
+             lcfg.impl, made["qkv"], layers, made["mlp"], layers)
+    return made
 
 
 def count_parameters(model: nn.Module) -> dict:

@@ -1,8 +1,17 @@
 """Process group and FSDP2, applied in one fixed order.
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it we run as one process with a
-single-rank group, so one code path (FSDP2 included) serves 1 CPU process and 64 GPUs.
-Backend: NCCL on CUDA, gloo on CPU.
+single-rank group, so one code path serves 1 CPU process and 64 GPUs. Backend: NCCL on CUDA,
+gloo on CPU.
+
+FSDP2 (`model.fsdp`): "auto" shards whenever there is something to shard or cast, i.e. with
+more than one rank, or on CUDA (its mixed-precision policy gives bf16 compute with fp32
+gradient reduction). A single CPU process has neither: FSDP2 there only adds DTensor dispatch to
+every optimizer op and copies of each block's frozen weights into and out of its all-gather
+buffers at every forward and backward (measured on the tiny preset: ~8-10% of a step), so
+"auto" leaves the model as it is. Everything after this point (trainer, checkpoints, adapter
+export) works on both: torch.distributed.checkpoint's state-dict functions take sharded and
+plain modules alike, and `set_gradient_sync` is a no-op on a plain module.
 
 Order (torchtitan's, and it matters):
   1. activation checkpointing per LLM decoder layer (option), so the wrapper is what FSDP shards;
@@ -73,7 +82,28 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def apply_parallelism(model: nn.Module, *, gradient_checkpointing: bool, compile: bool, device: torch.device) -> nn.Module:
+FSDP_SETTINGS = ("auto", "true", "false")
+
+
+def fsdp_wanted(setting, world_size: int, device: torch.device) -> bool:
+    """`model.fsdp` (auto | true | false) -> whether apply_parallelism calls fully_shard."""
+    setting = str(setting).lower()
+    if setting not in FSDP_SETTINGS:
+        raise ValueError(f"model.fsdp={setting!r}; use auto, true or false")
+    if setting == "false" and world_size > 1:
+        raise ValueError(f"model.fsdp=false with {world_size} processes: each rank would train its own copy "
+                         "without reducing gradients. Use model.fsdp=auto (or true), or run one process")
+    if setting == "auto":
+        return world_size > 1 or device.type == "cuda"
+    return setting == "true"
+
+
+def world_size_now() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def apply_parallelism(model: nn.Module, *, gradient_checkpointing: bool, compile: bool, device: torch.device,
+                      fsdp="auto") -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     llm_layers = model.llm.layers
@@ -85,6 +115,9 @@ def apply_parallelism(model: nn.Module, *, gradient_checkpointing: bool, compile
     if compile:
         for i, layer in enumerate(list(llm_layers)):
             llm_layers[i] = torch.compile(layer)
+    if not fsdp_wanted(fsdp, world_size_now(), device):
+        log.info("FSDP2 not applied: one process on %s, nothing to shard (model.fsdp=%s)", device, fsdp)
+        return model
 
     # bf16 compute and fp32 gradient reduction on GPUs; CPU runs fp32 end to end.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -97,6 +130,12 @@ def apply_parallelism(model: nn.Module, *, gradient_checkpointing: bool, compile
     fully_shard(model.llm, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce gradients across ranks in this backward (FSDP2) or not (an accumulating micro-batch)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # a plain module has no gradients to reduce
+        model.set_requires_gradient_sync(enabled)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt
+from engine.aligner_refresh import attach_aligner_refresh
 from engine.config import RunConfig, save_config
 from engine.attention import resolve_attn_backend, resolve_liger
 from engine.model import build_model, count_parameters
@@ -49,7 +50,7 @@ def resolve_impls(cfg: RunConfig, env: DistEnv) -> None:
     """Turn `auto` into the concrete kernel choice once, log it, and fail early on a bad one."""
     cfg.lora.impl = resolve_lora_impl(cfg.lora.impl, env.device)
     cfg.loss.impl = resolve_loss_impl(cfg.loss.impl, env.device)
-    cfg.model.attn_backend = resolve_attn_backend(cfg.model.attn_backend, env.device)
+    cfg.model.attn_backend = resolve_attn_backend(cfg.model.attn_backend, env.device, packing=cfg.data.packing)
     cfg.model.liger = resolve_liger(cfg.model.liger, env.device)
     say(env, f"kernels: lora={cfg.lora.impl}, loss={cfg.loss.impl}; attention={cfg.model.attn_backend}, "
              f"liger={cfg.model.liger}, packing={cfg.data.packing}; device={env.device}, "
@@ -100,15 +101,26 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     n = count_parameters(model)
     source = cfg.model.path or f"preset {cfg.model.preset}"
     say(env, f"model: Qwen2.5-Omni thinker ({source}), {n['total'] / 1e6:.2f}M parameters, "
-             f"{n['trainable'] / 1e6:.3f}M trainable (LoRA r={cfg.lora.rank} on {len(model.lora_modules)} projections)")
+             f"{n['trainable'] / 1e6:.3f}M trainable (LoRA r={cfg.lora.rank} on {len(model.lora_modules)} projections; "
+             f"grouped q/k/v in {model.lora_grouping['qkv']} and gate/up/down in {model.lora_grouping['mlp']} of "
+             f"{len(model.llm.layers)} layers, lora.grouped={cfg.lora.grouped})")
     apply_parallelism(model, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
-                      device=env.device)
+                      device=env.device, fsdp=cfg.model.fsdp)
     # Dropout and sampling differ per rank; everything is reproducible from cfg.seed.
     torch.manual_seed(cfg.seed + 1000 * env.rank)
     stream = build_stream(cfg, tokenizer, env)
     schedule = cfg.schedule.build(cfg.max_steps or None, cfg.max_tokens or None)
     for line in schedule.describe():
         say(env, f"schedule: {line}")
+    uses_ads = any(stage.sampler == "ads" for stage in schedule.stages)
+    if uses_ads:   # compiled now (seconds) rather than inside the first ADS step
+        from loaders.ads import compile_k_center
+
+        compile_k_center()
+    if cfg.model.train_audio_encoder and uses_ads:
+        attach_aligner_refresh(model, stream)
+        say(env, f"ADS embeddings: refreshed from the training forward (trainable audio encoder), handed to ADS "
+                 f"every {cfg.schedule.embedding_refresh_every} steps, cache of {cfg.schedule.embedding_cache}")
     trainer = Trainer(cfg, env, model, stream, schedule, out)
     attach_validation(trainer, cfg, env, model, tokenizer)
     trainer.resume()

@@ -246,7 +246,7 @@ class Validator:
     """Validation of one rank, in lockstep with the others (see the module docstring)."""
 
     def __init__(self, cfg, env: DistEnv, model, tokenizer, *, max_generated: int | None = None):
-        from loaders.pipeline import build_val_batches
+        from loaders.val_batches import build_val_batches
 
         self.cfg, self.env, self.model, self.tokenizer = cfg, env, model, tokenizer
         self.max_new_tokens = cfg.eval.max_new_tokens

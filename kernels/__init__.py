@@ -1,6 +1,7 @@
 """omnitrain's Triton kernels, each with the PyTorch reference it is tested against.
 
-    kernels.lora                  fused LoRA linear (+ grouped QKV / MLP)
+    kernels.lora                  fused LoRA linear
+    kernels.lora_grouped          grouped LoRA: q/k/v in one call, gate/up/down with fused SwiGLU
     kernels.linear_cross_entropy  fused linear + cross-entropy, no [tokens, vocab] logits
 
 Not Hugging Face's `kernels` hub package, which shares the top-level name: on CPUs with

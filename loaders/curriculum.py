@@ -305,6 +305,15 @@ DEFAULT_ADS_MAX_WAIT = 64
 # Dimension of the vectors ADS compares: stored aligner outputs (3584 at 7B) and the fallback
 # projection are both brought to this size (random projections keep distances, Johnson-Lindenstrauss).
 DEFAULT_EMBEDDING_DIM = 256
+# With a trainable audio encoder (model.train_audio_encoder=true) the training forward refreshes
+# ADS's embeddings. Cache: 4096 samples x 256 dims in float16 = 2 MiB per rank and per snapshot
+# kept for resume (usually two), small next to a checkpoint; a sample not seen recently falls
+# back to its stored or projected vector. Hand-over to ADS every 25 steps: in the training
+# process (data.num_workers=0) it costs one re-embedding of the pool (milliseconds); with
+# worker processes the workers restart and re-read the pool (about 2-4 s at the default pool on
+# two CPU cores, measured), which every 25 steps of a GPU run's multi-second steps stays a few %.
+DEFAULT_EMBEDDING_CACHE = 4096
+DEFAULT_EMBEDDING_REFRESH_EVERY = 25
 
 
 @dataclass
@@ -317,6 +326,8 @@ class ScheduleConfig:
     ads_window: int = DEFAULT_ADS_WINDOW
     ads_max_wait: int = DEFAULT_ADS_MAX_WAIT
     embedding_dim: int = DEFAULT_EMBEDDING_DIM
+    embedding_cache: int = DEFAULT_EMBEDDING_CACHE
+    embedding_refresh_every: int = DEFAULT_EMBEDDING_REFRESH_EVERY
     extra: dict = field(default_factory=dict, repr=False)   # unknown keys land here -> error in validate()
 
     def validate(self) -> None:
@@ -325,7 +336,8 @@ class ScheduleConfig:
                                 f"{[f for f in self.__dataclass_fields__ if f != 'extra']}")
         if self.name not in SCHEDULE_NAMES:
             raise ScheduleError(f"schedule.name must be one of {list(SCHEDULE_NAMES)}, got {self.name!r}")
-        for key in ("ads_pool", "ads_window", "ads_max_wait", "embedding_dim"):
+        for key in ("ads_pool", "ads_window", "ads_max_wait", "embedding_dim", "embedding_cache",
+                    "embedding_refresh_every"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ScheduleError(f"schedule.{key} must be a positive integer, got {value!r}")

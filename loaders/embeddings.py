@@ -6,9 +6,16 @@ end of the thinker's audio encoder), computed once with the frozen encoder by
 each shard (or carried as a ``<key>.emb.npy`` tar member). A sample without one falls back
 to a fixed seeded random projection of its mean log-mel spectrum; ``EmbeddingSource`` counts
 hits and misses so that the fraction of real embeddings can be reported.
+
+With a trainable audio encoder the stored vectors go stale: the training forward refreshes
+them (engine.aligner_refresh captures each sample's mean-pooled aligner output) into a bounded
+``EmbeddingCache``; the stream hands snapshots of it to the samplers (loaders.pipeline), and a
+refreshed vector takes precedence over a stored one.
 """
 from __future__ import annotations
 
+import base64
+import collections
 import io
 import os
 import zipfile
@@ -93,17 +100,87 @@ def decode_embedding_member(data: bytes, where: str = "") -> np.ndarray:
     return vector.astype(np.float32)
 
 
+def sample_identity(shard: str, key: str) -> str:
+    """One sample across shards (keys repeat between shards): the refreshed-cache key."""
+    return f"{shard}::{key}"
+
+
+def encode_rows(rows: dict[str, np.ndarray], dim: int) -> dict:
+    """JSON-safe form of identity -> float16 [dim] rows (for the loader state in checkpoints)."""
+    matrix = np.stack(list(rows.values())).astype(np.float16) if rows else np.zeros((0, dim), np.float16)
+    return {"dim": dim, "ids": list(rows), "vectors": base64.b64encode(matrix.tobytes()).decode("ascii")}
+
+
+def decode_rows(state: dict) -> dict[str, np.ndarray]:
+    ids, dim = state["ids"], int(state["dim"])
+    matrix = np.frombuffer(base64.b64decode(state["vectors"]), np.float16).reshape(len(ids), dim)
+    return dict(zip(ids, matrix))
+
+
+class EmbeddingCache:
+    """Refreshed aligner embeddings, least recently updated evicted first: at most ``capacity``
+    float16 rows of ``dim`` (vectors of another size are projected as stored ones are).
+
+    A row is replaced, never changed in place, so a ``snapshot()`` stays valid after updates."""
+
+    def __init__(self, capacity: int, dim: int):
+        if capacity < 1:
+            raise ADSError(f"embedding cache capacity must be at least 1 (schedule.embedding_cache), got {capacity}")
+        self.capacity, self.dim = int(capacity), int(dim)
+        self._rows: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.updates = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def update(self, identities: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(identities):
+            raise ADSError(f"embedding refresh: {len(identities)} samples but vectors of shape {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ADSError("embedding refresh: the aligner output has non-finite values (the audio encoder diverged); "
+                           "lower optim.lr or train with model.train_audio_encoder=false")
+        for identity, vector in zip(identities, vectors):
+            self._rows.pop(identity, None)
+            self._rows[identity] = fit_embedding_dim(vector, self.dim).astype(np.float16)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+        self.updates += len(identities)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return dict(self._rows)
+
+    def state_dict(self) -> dict:
+        return {**encode_rows(self._rows, self.dim), "capacity": self.capacity, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["dim"]) != self.dim:
+            raise ADSError(f"the checkpoint's embedding cache has dim {state['dim']}, this run "
+                           f"schedule.embedding_dim={self.dim}; resume with the same value")
+        self._rows = collections.OrderedDict(decode_rows(state))
+        while len(self._rows) > self.capacity:      # a smaller schedule.embedding_cache on resume
+            self._rows.popitem(last=False)
+        self.updates = int(state.get("updates", 0))
+
+
 class EmbeddingSource:
-    """Embeddings for ADS: stored aligner vectors (tar member or sidecar) or the fallback.
+    """Embeddings for ADS: refreshed vectors (``use_refreshed``), else stored aligner vectors
+    (tar member or sidecar), else the fallback.
 
     Sidecars are looked up only for local shard paths (not ``pipe:`` or URLs). ``hits`` counts
-    samples with a stored vector, ``misses`` those that fell back; ``hit_rate`` is their ratio.
+    samples with a real (refreshed or stored) vector, ``misses`` those that fell back;
+    ``hit_rate`` is their ratio.
     """
 
     def __init__(self, dim: int = DEFAULT_EMBEDDING_DIM, cached_shards: int = 4):
         self.dim, self.hits, self.misses = dim, 0, 0
         self._cached_shards = cached_shards
         self._sidecars: dict[str, dict[str, np.ndarray]] = {}
+        self._refreshed: dict[str, np.ndarray] = {}
+
+    def use_refreshed(self, rows: dict[str, np.ndarray]) -> None:
+        """identity (``sample_identity``) -> vector of the ADS dim, taking precedence from now on."""
+        self._refreshed = rows
 
     def _sidecar(self, shard: str) -> dict[str, np.ndarray]:
         if shard not in self._sidecars:
@@ -114,19 +191,24 @@ class EmbeddingSource:
         return self._sidecars[shard]
 
     def embedding_for(self, shard: str, key: str, mean_logmel: np.ndarray, member: np.ndarray | None = None) -> np.ndarray:
-        """float32 [dim]: the tar member's vector, else the sidecar's, else the fallback projection."""
+        """float32 [dim]: the refreshed vector, else the tar member's, else the sidecar's, else the
+        fallback projection."""
         return self.lookup(shard, key, mean_logmel, member)[0]
 
     def lookup(self, shard: str, key: str, mean_logmel: np.ndarray, member: np.ndarray | None = None
-               ) -> tuple[np.ndarray, bool]:
-        """(float32 [dim] vector, stored?): the tar member's vector, else the sidecar's, else the
-        fallback projection of the mean log-mel spectrum."""
+               ) -> tuple[np.ndarray, str]:
+        """(float32 [dim] vector, kind): kind "refreshed" (from the training forward), "stored"
+        (tar member, else sidecar) or "fallback" (projection of the mean log-mel spectrum)."""
+        refreshed = self._refreshed.get(sample_identity(shard, key)) if self._refreshed else None
+        if refreshed is not None:
+            self.hits += 1
+            return refreshed.astype(np.float32), "refreshed"
         stored = member if member is not None else self._sidecar(shard).get(key)
         if stored is None:
             self.misses += 1
-            return fallback_embedding(mean_logmel, self.dim), False
+            return fallback_embedding(mean_logmel, self.dim), "fallback"
         self.hits += 1
-        return fit_embedding_dim(stored, self.dim), True
+        return fit_embedding_dim(stored, self.dim), "stored"
 
     @property
     def hit_rate(self) -> float | None:

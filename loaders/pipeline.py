@@ -26,9 +26,11 @@ were already used; a resume replays that stretch (re-decoding the bucketing look
 few micro-batches' worth) and rebuilds the waiting queue in order. A sampler's pending
 samples (the ADS pool) are part of that group state as records; on replay the sampler steps
 its streams back to the oldest of them (``ExampleSource.rewind``) and re-reads them. Stage
-changes (``set_tasks``, ``set_sampler``) use the same path (recorded switch -> restart from
-the saved state, lazily at the next step; with workers they restart them), so a stage change
-is exactly reproducible too. A resume must use the same rank, world size, num_workers and
+changes (``set_tasks``, ``set_sampler``) and refreshed ADS embeddings (loaders/embedding_refresh.py)
+are recorded as switches at the last example taken from each producer: a producer in this
+process reads them as they come (it is lazy, never past that point); worker processes, which
+may have run ahead, restart from the saved state at the next step. A replay applies them at
+the same points, so they are exactly reproducible too. A resume must use the same rank, world size, num_workers and
 seed (the shard split depends on them).
 
 Another sampler plugs in through ``sampler_factory(data_counts, source_weights, *, seed,
@@ -40,57 +42,22 @@ from __future__ import annotations
 
 import collections
 import copy
-import glob
 import logging
-import os
-import sys
 
 import torch
 
-from loaders.audio import AudioError
 from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
 from loaders.curriculum import SAMPLERS, ScheduleConfig
+from loaders.embedding_refresh import RefreshedEmbeddings
+from loaders.embeddings import sample_identity
 from loaders.packing import collate_packed, select_packed_row
-from loaders.shards import (LABELLED_TASKS, check_enough_shards, check_shards_exist, count_examples_by_shard,
-                            expand_sources, iter_tar_samples, shard_order, sum_counts)
-from loaders.stream import ErrorCounter, ExampleSource, SampleTooLong, prepare_example, source_weight
-from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
+from loaders.shards import LABELLED_TASKS, check_enough_shards, count_examples_by_shard, shard_order, sum_counts
+from loaders.sources import resolve_sources
+from loaders.stream import ExampleSource, source_weight
+from loaders.tasks import TASKS
 
 STATE_VERSION = 2
 log = logging.getLogger("loaders")
-
-
-def demo_shard_urls(cache_dir) -> tuple[list[str], list[str]]:
-    """The embedded demo set's train and val shard paths, generated into cache_dir on first use."""
-    from loaders import demo_data
-
-    if not os.path.isfile(os.path.join(cache_dir, "shards.json")):
-        print(f"[loaders] generating the embedded demo shards into {os.path.abspath(cache_dir)} "
-              "(python -m loaders.demo_data)", file=sys.stderr, flush=True)
-    demo_data.write_demo_shards(cache_dir)
-    train = sorted(glob.glob(os.path.join(cache_dir, "train-*.tar")))
-    val = sorted(glob.glob(os.path.join(cache_dir, "val-*.tar")))
-    return train, val
-
-
-def _is_empty(spec) -> bool:
-    return not spec.strip() if isinstance(spec, str) else not list(spec)
-
-
-def resolve_sources(cfg, split: str) -> list[list[str]]:
-    """data.train / data.val as URL lists per source, checked to exist. An empty data.train
-    means the demo set; an empty data.val means the demo's val split when data.train is
-    empty too, else no validation data ([])."""
-    spec = getattr(cfg, split)
-    if _is_empty(spec):
-        if split == "val" and not _is_empty(cfg.train):
-            return []
-        train, val = demo_shard_urls(cfg.demo_dir)
-        return [train if split == "train" else val]
-    sources = expand_sources(spec)
-    for urls in sources:
-        check_shards_exist(urls, f"data.{split}")
-    return sources
 
 
 # --- producers ------------------------------------------------------------------------------
@@ -112,18 +79,30 @@ class ExampleProducer:
         self.sampler.load_state_dict(state["sampler"])
         self.ordinal = state["ordinal"]
 
-    def iterate(self, entry: dict | None):
+    def iterate(self, entry: dict | None, live_switches: list | None = None):
         """Examples from a saved entry (or the start). ``entry["switches"]`` lists stage changes
-        as [after_ordinal, active_tasks, task_weights, sampler]: each applies from the first group
-        that starts after that ordinal, so a replay switches exactly where the original run did."""
+        and embedding refreshes as [after_ordinal, active_tasks, task_weights, sampler,
+        embedding_version, is_stage]: each applies from the first group that starts after that
+        ordinal, so a replay switches exactly where the original run did. ``live_switches``: the
+        stream's own list (same content as the entry's), read as it grows, so that a producer in
+        the training process takes new switches without a restart (it never runs ahead)."""
         skip, switches = set(), []
         if entry is not None:
             if entry["resume"] is not None:
                 self.load_state_dict(entry["resume"])
             skip, switches = set(entry["skip"]), [list(s) for s in entry["switches"]]
+        if live_switches is not None:
+            switches = live_switches
+        applied = 0
         while True:
-            while switches and self.ordinal > switches[0][0]:
-                _, active_tasks, task_weights, sampler = switches.pop(0)
+            while applied < len(switches) and self.ordinal > switches[applied][0]:
+                _, active_tasks, task_weights, sampler, *refresh = switches[applied]
+                applied += 1
+                version, is_stage = refresh if refresh else (None, True)   # states written before refreshes
+                if version is not None and version != getattr(self.sampler, "embedding_version", version):
+                    self.sampler.set_embedding_version(version)
+                if not is_stage:
+                    continue
                 if hasattr(self.sampler, "set_stage"):
                     self.sampler.set_stage(active_tasks, task_weights, sampler)
                 else:
@@ -199,6 +178,8 @@ class TrainStream:
             raise ValueError(f"sampler {sampler!r}: expected one of {list(SAMPLERS)}")
         self._restart_pending = False
         self._loader_iter = None
+        sc = self.schedule_cfg
+        self.refresh = RefreshedEmbeddings(sc.embedding_cache, sc.embedding_dim, sc.embedding_refresh_every)
         self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
                      "counts_by_worker": [None] * self.num_producers, "used": 0, "used_tasks": {}, "steps": 0})
 
@@ -230,7 +211,7 @@ class TrainStream:
                             labels={task: list(getattr(self.cfg, field)) for task, field in LABELLED_TASKS.items()},
                             config=self.schedule_cfg, seed=[self.seed, slot], active_tasks=self.active_tasks,
                             task_weights=self.task_weights, sampler=self.sampler_name,
-                            padded_budget=not self.cfg.packing)
+                            padded_budget=not self.cfg.packing, embedding_snapshots=self.refresh.snapshots)
 
     def _start(self, state: dict) -> None:
         self.close()
@@ -239,12 +220,13 @@ class TrainStream:
         self.used, self.used_tasks, self.steps = state["used"], dict(state["used_tasks"]), state["steps"]
         self.used_labels = {task: dict(v) for task, v in state.get("used_labels", {}).items()}
         self.used_embeddings = dict(state.get("used_embeddings", {"stored": 0, "fallback": 0}))
+        self.used_embeddings.setdefault("refreshed", 0)
         self.last_pulled = [e["last"] if e else -1 for e in self.entries]
         self.switches = [list(e["switches"]) if e else [] for e in self.entries]
         self._last_example = [None] * self.num_producers
         self.stash = [collections.deque() for _ in range(self.num_producers)]
         if self.num_workers == 0:
-            self._iters = [self._make_producer(0).iterate(self.entries[0])]
+            self._iters = [self._make_producer(0).iterate(self.entries[0], live_switches=self.switches[0])]
         else:
             if self.sampler_name == "ads" and self.sampler_factory is None:
                 from loaders.ads import compile_k_center
@@ -292,17 +274,30 @@ class TrainStream:
     # --- steps ------------------------------------------------------------------------------
     def next_step(self) -> list[dict]:
         """Exactly grad_accum micro-batches, each within data.max_tokens_per_batch padded slots."""
+        self.refresh.drain()
+        if self.refresh.due(self.sampler_name):
+            self.refresh.publish()
+            self._record_switch(is_stage=False)
         self._apply_switches()
-        micro_batches = []
+        micro_batches, identities = [], []
         for _ in range(self.grad_accum):
             examples = self._next_micro_batch(self.cfg.max_tokens_per_batch)
             for e in examples:
                 self._count_used(e)
+                identities.append(sample_identity(e.shard, e.key))
             self.used += len(examples)
             collate_batch = collate_packed if self.cfg.packing else collate
             micro_batches.append(collate_batch(examples, self.pad_token_id))
         self.steps += 1
+        self.refresh.expect(identities)
         return micro_batches
+
+    def refresh_embeddings_from(self, feed) -> None:
+        """Refresh ADS's embeddings from the training forward (trainable audio encoder):
+        ``feed()`` returns float [n, H], the mean-pooled aligner output of each sample of the
+        last step, in the order of its micro-batches and their ``keys`` (engine.aligner_refresh).
+        Published to the samplers every schedule.embedding_refresh_every steps of an ADS stage."""
+        self.refresh.attach(feed)
 
     def _next_micro_batch(self, budget: int) -> list:
         """The oldest waiting example's micro-batch: its sampler's selection as chosen (ADS), or
@@ -349,8 +344,8 @@ class TrainStream:
         if example.label is not None:
             per_label = self.used_labels.setdefault(example.task, {})
             per_label[example.label] = per_label.get(example.label, 0) + 1
-        if example.embedding_stored is not None:
-            kind = "stored" if example.embedding_stored else "fallback"
+        if example.embedding_kind is not None:
+            kind = example.embedding_kind
             self.used_embeddings[kind] = self.used_embeddings.get(kind, 0) + 1
 
     def set_tasks(self, active_tasks, task_weights=None) -> None:
@@ -369,19 +364,27 @@ class TrainStream:
             raise ValueError(f"sampler {name!r}: expected one of {list(SAMPLERS)} (schedule stage 'sampler')")
         if name != self.sampler_name:
             self.sampler_name = name
+            self.refresh.drain()
+            if name == "ads" and self.refresh.dirty:    # an ADS stage starts from the freshest vectors
+                self.refresh.publish()
             self._record_switch()
 
-    def _record_switch(self) -> None:
+    def _record_switch(self, is_stage: bool = True) -> None:
         """Each producer switches after the last example taken from it; switches recorded at the
-        same point (set_tasks then set_sampler) become one. Producers restart lazily (one
-        restart for both calls): the restart replays exactly, like a resume."""
+        same point (set_tasks then set_sampler, or with a refresh) become one. A producer in this
+        process reads the switch live (it is lazy: it has not started a group past that point);
+        worker processes may have run ahead, so they restart lazily (one restart for both calls)
+        and the restart replays exactly, like a resume."""
         for worker in range(self.num_producers):
-            switch = [self.last_pulled[worker], list(self.active_tasks), dict(self.task_weights), self.sampler_name]
+            switch = [self.last_pulled[worker], list(self.active_tasks), dict(self.task_weights), self.sampler_name,
+                      self.refresh.version, is_stage]
             if self.switches[worker] and self.switches[worker][-1][0] == switch[0]:
+                previous = self.switches[worker][-1]
+                switch[5] = is_stage or len(previous) < 6 or previous[5]   # 4 fields: a stage switch
                 self.switches[worker][-1] = switch
             else:
                 self.switches[worker].append(switch)
-        self._restart_pending = True
+        self._restart_pending = self.num_workers > 0
 
     def _apply_switches(self) -> None:
         if self._restart_pending:
@@ -412,17 +415,32 @@ class TrainStream:
         return {"resume": resume, "skip": skip, "last": last, "switches": switches}
 
     def state_dict(self) -> dict:
+        self.refresh.drain()     # the last step's vectors belong to the saved state
+        workers = [self._worker_entry(w) for w in range(self.num_producers)]
         return {
             "version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
             "num_workers": self.num_workers, "seed": self.seed,
             "active_tasks": list(self.active_tasks), "task_weights": dict(self.task_weights),
-            "workers": [self._worker_entry(w) for w in range(self.num_producers)],
+            "workers": workers, "embeddings": self.refresh.state_dict(self._versions_needed(workers)),
             "queue": [list(e.origin) for e in self.queue], "next_worker": self.next_worker,
             "counts_by_worker": copy.deepcopy(self.counts_by_worker),
             "used": self.used, "used_tasks": dict(self.used_tasks), "steps": self.steps,
             "used_labels": copy.deepcopy(self.used_labels), "used_embeddings": dict(self.used_embeddings),
             "sampler": self.sampler_name,
         }
+
+    @staticmethod
+    def _versions_needed(workers: list) -> set[int]:
+        """Embedding versions a producer may return to: its resume group's and its switches'."""
+        needed = set()
+        for entry in workers:
+            if entry is None:
+                continue
+            resume = entry["resume"]
+            if resume is not None and isinstance(resume.get("sampler"), dict):
+                needed.add(int(resume["sampler"].get("embedding_version", 0)))
+            needed.update(int(s[4]) for s in entry["switches"] if len(s) > 4)
+        return needed
 
     def load_state_dict(self, state: dict) -> None:
         expected = (self.rank, self.world_size, self.num_workers, self.seed)
@@ -437,15 +455,19 @@ class TrainStream:
         self.active_tasks, self.task_weights = list(state["active_tasks"]), dict(state["task_weights"])
         self.sampler_name = state["sampler"]
         self._restart_pending = False
+        self.refresh.load_state_dict(state.get("embeddings"))
         self._start(state)
+        self.refresh.keep_only(self._versions_needed(state["workers"]))
 
     # --- counts -----------------------------------------------------------------------------
     def counts(self) -> dict:
         """Cumulative counts for metrics: {"read", "used", "pending", "skipped": {reason: n},
         "epoch", "tasks": {task: used}, "labels": {"did"/"ser": {label: used}}, "draws" and
         "repeats" ({task: {label or "all": n}}: samples read by the sampler, and reads beyond the
-        slot's shards' natural count), "embedding_hit_rate" (share of ADS-embedded examples used
-        that had a stored aligner vector; None before any), "sampler"}.
+        slot's shards' natural count), "embeddings" (ADS-embedded examples used, by kind:
+        refreshed, stored, fallback), "embedding_hit_rate" (share of them with a real aligner
+        vector, refreshed or stored; None before any), "embedding_refreshes" (versions
+        published), "embedding_cache" (vectors held), "sampler"}.
         read == used + pending + sum(skipped); pending includes samples held by the sampler."""
         read, skipped, pending, epoch = 0, {}, len(self.queue), 0
         draws, repeats = {}, {}
@@ -461,70 +483,14 @@ class TrainStream:
             pending += sampler.get("pending", 0)
             _add_nested(draws, sampler.get("draws", {}))
             _add_nested(repeats, sampler.get("repeats", {}))
-        embedded = self.used_embeddings.get("stored", 0) + self.used_embeddings.get("fallback", 0)
+        embedded = sum(self.used_embeddings.values())
+        real = self.used_embeddings.get("stored", 0) + self.used_embeddings.get("refreshed", 0)
         return {"read": read, "used": self.used, "pending": pending, "skipped": skipped, "epoch": epoch,
                 "tasks": dict(self.used_tasks), "labels": copy.deepcopy(self.used_labels), "draws": draws,
                 "repeats": repeats, "embeddings": dict(self.used_embeddings),
-                "embedding_hit_rate": self.used_embeddings.get("stored", 0) / embedded if embedded else None,
+                "embedding_hit_rate": real / embedded if embedded else None, **self.refresh.counts(),
                 "sampler": self.sampler_name}
 
     def close(self) -> None:
         self._loader_iter = None  # DataLoader workers exit when their iterator is collected
         self._iters = []
-
-
-# --- validation -----------------------------------------------------------------------------
-def _val_examples(urls, cfg, tokenizer, errors: ErrorCounter, max_samples):
-    """Every (record, task) example of the shards, in shard order; bad samples skipped and counted."""
-    count = 0
-    for url in urls:
-        for sample in iter_tar_samples(url):
-            if sample.error is not None:
-                errors.report(*sample.error)
-                continue
-            try:
-                tasks = tasks_of_record(sample.meta)
-            except UnknownTaskError as exc:
-                errors.report("unknown_task", f"{sample.where}: {exc}")
-                continue
-            if not tasks:
-                errors.report("no_target", f"{sample.where}: the JSON has none of {', '.join(TARGET_FIELDS.values())}")
-            for task in tasks:
-                if task in LABELLED_TASKS:
-                    value = str(sample.meta[TARGET_FIELDS[task]]).strip()
-                    closed = getattr(cfg, LABELLED_TASKS[task])
-                    if value not in closed:
-                        errors.report("label_outside_set", f"{sample.where}: {task} label {value!r} is not in "
-                                      f"data.{LABELLED_TASKS[task]}={list(closed)}", force_raise=cfg.strict)
-                        continue
-                try:
-                    yield prepare_example(sample, task, 0, cfg, tokenizer)
-                except (AudioError, SampleTooLong) as exc:
-                    errors.report(exc.reason, str(exc))
-                    continue
-                count += 1
-                if max_samples is not None and count >= max_samples:
-                    return
-
-
-def build_val_batches(cfg, tokenizer, *, rank: int, world_size: int, max_samples: int | None = None) -> list[dict]:
-    """One finite pass over this rank's val shards (``shards[rank::world_size]``), every task of
-    every record, as micro-batches within data.max_tokens_per_batch (sorted by length, so
-    padding is small). Ranks may get different numbers of batches."""
-    urls = [url for source in resolve_sources(cfg, "val") for url in source]
-    if not urls:
-        return []
-    check_enough_shards(urls, world_size, world_size, 0, "data.val")
-    errors = ErrorCounter(cfg.on_error)
-    examples = list(_val_examples(urls[rank::world_size], cfg, tokenizer, errors, max_samples))
-    examples.sort(key=lambda e: e.num_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches, current = [], []
-    for example in examples:
-        if current and (len(current) + 1) * example.num_tokens > cfg.max_tokens_per_batch:
-            batches.append(collate(current, pad))
-            current = []
-        current.append(example)
-    if current:
-        batches.append(collate(current, pad))
-    return batches

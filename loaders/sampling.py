@@ -197,6 +197,10 @@ class ADSSampler(_PulledSampler):
         """Take over already-read samples (a previous stage's pending ones, or re-read on resume)."""
         self._add_to_pool(list(items))
 
+    def reembed(self) -> None:
+        """Embed the whole pool again (the embedding source changed: refreshed vectors)."""
+        self._codes = self._codes_of(self._pool) if self._pool else self._codes[:0]
+
     def take_pending(self) -> list[Drawn]:
         items, self._pool, self._codes = self._pool, [], self._codes[:0]
         return items
@@ -391,12 +395,15 @@ class StageSampler:
                  labels: Mapping[str, Sequence[str]], config: ScheduleConfig | None = None, seed=0,
                  active_tasks=None, task_weights=None, sampler: str = "random",
                  embeddings: EmbeddingSource | None = None, implementation: str = "numba",
-                 padded_budget: bool = True):
+                 padded_budget: bool = True, embedding_snapshots: Mapping[int, dict] | None = None):
         self.token_budget, self.config = int(token_budget), config or ScheduleConfig()
         self.mixing_counts, self.label_counts, self.labels = dict(mixing_counts), dict(label_counts), dict(labels)
         self.seed, self.implementation = _seed_list(seed), implementation
         self.padded_budget = padded_budget   # False for packed rows: the budget is the lengths' sum
         self.embeddings = embeddings or EmbeddingSource(self.config.embedding_dim)
+        # version -> refreshed embeddings (loaders.pipeline.TrainStream publishes them); 0 = none
+        self.embedding_snapshots = embedding_snapshots if embedding_snapshots is not None else {0: {}}
+        self.embedding_version = 0
         self.puller = StreamPuller(None, DrawCounter(natural_counts))
         self.builds = 0
         self.sampler = None
@@ -425,6 +432,16 @@ class StageSampler:
     def set_tasks(self, active_tasks, task_weights=None) -> None:
         self.set_stage(active_tasks, task_weights, self.name)
 
+    def set_embedding_version(self, version: int, reembed: bool = True) -> None:
+        """Use the refreshed embeddings published as ``version``; the ADS pool is embedded again."""
+        if version not in self.embedding_snapshots:
+            raise RuntimeError(f"refreshed embeddings version {version} is not available (have "
+                               f"{sorted(self.embedding_snapshots)}); the loader state is inconsistent")
+        self.embedding_version = version
+        self.embeddings.use_refreshed(self.embedding_snapshots[version])
+        if reembed and isinstance(self.sampler, ADSSampler):
+            self.sampler.reembed()
+
     def set_sampler(self, name: str) -> None:
         self.set_stage(self.tasks, self.task_weights, name)
 
@@ -446,8 +463,8 @@ class StageSampler:
         return self.name == "ads"
 
     def _embed(self, example) -> np.ndarray:
-        vector, stored = self.embeddings.lookup(example.shard, example.key, example.features.mean(axis=1))
-        example.embedding_stored = stored
+        vector, kind = self.embeddings.lookup(example.shard, example.key, example.features.mean(axis=1))
+        example.embedding_kind = kind
         return vector
 
     def _hand_over(self, items: list) -> None:
@@ -493,10 +510,11 @@ class StageSampler:
         inner = {k: v for k, v in self.sampler.state_dict().items() if k not in ("pool", "pending")}
         return {"tasks": list(self.tasks), "task_weights": self.task_weights, "name": self.name, "builds": self.builds,
                 "sampler": inner, "pending": [list(r) for r in self.pending_records()],
-                "puller": self.puller.state_dict()}
+                "puller": self.puller.state_dict(), "embedding_version": self.embedding_version}
 
     def load_state_dict(self, state: dict) -> None:
         self.puller.load_state_dict(state["puller"])
+        self.set_embedding_version(int(state.get("embedding_version", 0)), reembed=False)  # before the pool is re-read
         self.tasks, self.name, self.builds = tuple(state["tasks"]), state["name"], int(state["builds"])
         self.task_weights = state["task_weights"]
         self.sampler = self._build()

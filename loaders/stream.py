@@ -94,7 +94,7 @@ class Example:
     features: np.ndarray  # [128, F] float32
     audio_seconds: float
     origin: tuple = ()  # (worker, ordinal) set by the producer; used for exact resume
-    embedding_stored: bool | None = None  # ADS only: True = stored aligner vector, False = fallback
+    embedding_kind: str | None = None  # ADS only: "refreshed", "stored" (aligner vector) or "fallback"
     selected_together: bool = False  # set by the producer: this example's group is one chosen micro-batch
 
     @property

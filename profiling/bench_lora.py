@@ -1,10 +1,11 @@
-"""Benchmark of kernels/lora.py: forward+backward time and peak memory of one LoRA projection.
+"""Benchmark of kernels/lora.py and kernels/lora_grouped.py: forward+backward time and peak memory of
+one LoRA projection and of the grouped q/k/v and MLP calls.
 
     python -m profiling.bench_lora                      # GPU: 7B thinker shapes, bf16; CPU: reduced, fp32
     python -m profiling.bench_lora --tokens 8192 --json runs/bench_lora.json
 
 Compared, in the same run and on the same inputs:
-  ours       kernels.lora.lora_linear / lora_qkv / lora_mlp, impl=triton (GPU only): step-1
+  ours       kernels.lora.lora_linear / kernels.lora_grouped.lora_qkv, lora_mlp, impl=triton (GPU only): step-1
              kernels around cuBLAS GEMMs
   ours_gemm  the same with impl=triton_gemm: base GEMMs in Triton, rank-r term in the accumulator
              (the recipe's lora.impl=auto takes whichever of the two this benchmark shows faster)
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.lora import lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv
+from kernels.lora import lora_linear, lora_linear_reference
+from kernels.lora_grouped import lora_mlp, lora_mlp_reference, lora_qkv
 from profiling.provenance import git_revision
 
 RESULTS_CSV = Path(__file__).parent / "results" / "bench_lora.csv"

@@ -3,19 +3,22 @@
 #   1. the fused LoRA kernels: bf16 GPU tests + benchmark at 7B shapes   (profiling/gpu/lora.sh)
 #   2. fused linear cross-entropy: bf16 GPU tests + benchmark at 7B head (profiling/gpu/linear_cross_entropy.sh)
 #      + packing/attention backends and Liger ops: bf16 GPU tests (tests/engine/test_attention.py -m gpu)
-#   3. bench_train --preset 7b: omnitrain against HF Trainer + PEFT, few steps
-#   4. one short table (profiling/gpu_summary.py), printed last.
+#   3. bench_train --preset 7b: omnitrain against HF Trainer + PEFT, few steps (padded batches)
+#   4. bench_train --preset 7b --packing on: omnitrain on packed rows of the same samples, its own
+#      stage (a third 7B build does not fit beside the other two in bench_train's time)
+#   5. one short table (profiling/gpu_summary.py), printed last.
 #
 #   bash profiling/gpu_check.sh OUT_DIR                   # run from anywhere; about 8 minutes at most
 #   GPU_CHECK_DRY=1 bash profiling/gpu_check.sh OUT_DIR   # CPU smoke run of the same structure
 #
 # Everything lands in OUT_DIR: one log per stage, stages.jsonl (status, exit code, seconds),
-# bench_lora.json, bench_linear_cross_entropy.json, bench_train.json (+ bench_train.csv),
-# summary.json. A failing or timed-out stage is recorded and the next one runs.
+# bench_lora.json, bench_linear_cross_entropy.json, bench_train.json, bench_train_packed.json
+# (+ bench_train.csv), summary.json. A failing or timed-out stage is recorded and the next one runs.
 # Settings (environment):
 #   PYTHON                 interpreter (default: python)
 #   GPU_CHECK_BUDGET_S     total seconds for all stages (default 470: under 8 minutes with set-up)
 #   GPU_CHECK_BENCH_S      seconds kept for bench_train (default 200: two 7B builds + 8 steps each)
+#   GPU_CHECK_PACKED_S     seconds kept for bench_train_packed (default 110: one 7B build + 8 steps)
 #   GPU_CHECK_DRY=1        no GPU needed: fragments are syntax-checked only, bench_train runs the
 #                          tiny preset for 1 step, the summary is built as on a GPU.
 set -u
@@ -30,6 +33,7 @@ cd "$(dirname "$0")/.." || exit 2
 PYTHON="${PYTHON:-python}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 BENCH_S="${GPU_CHECK_BENCH_S:-200}"
+PACKED_S="${GPU_CHECK_PACKED_S:-110}"
 DRY="${GPU_CHECK_DRY:-0}"
 START_S=$(date +%s)
 STAGES="$OUT_DIR/stages.jsonl"
@@ -132,36 +136,46 @@ run_fragment() {  # run_fragment NAME MAX_S
         return
     fi
     if [ "$DRY" = "1" ]; then
-        run_stage "$1_syntax_only" 60 "$BENCH_S" bash -n "$script"
+        run_stage "$1_syntax_only" 60 "$(( BENCH_S + PACKED_S ))" bash -n "$script"
     else
-        run_stage "$1" "$2" "$BENCH_S" bash "$script"
+        run_stage "$1" "$2" "$(( BENCH_S + PACKED_S ))" bash "$script"
     fi
 }
 run_fragment lora 200
 run_fragment linear_cross_entropy 150
 # Packing and attention backends (flash_attn / torch varlen) and Liger's ops, bf16 on the GPU.
 if [ "$DRY" != "1" ]; then
-    run_stage attention_gpu_tests 60 "$BENCH_S" "$PYTHON" -m pytest tests/engine/test_attention.py -m gpu -q -x -p no:cacheprovider
+    run_stage attention_gpu_tests 60 "$(( BENCH_S + PACKED_S ))" "$PYTHON" -m pytest tests/engine/test_attention.py -m gpu -q -x -p no:cacheprovider
 fi
 
 # --- 3. end to end: bench_train at the 7b preset ---------------------------------------------
 if [ "$DRY" = "1" ]; then
-    BENCH_ARGS=(--preset tiny --steps 1 --warmup 1 --budget 256)
+    SIZE_ARGS=(--preset tiny --steps 1 --warmup 1 --budget 256)
 else
-    BENCH_ARGS=(--preset 7b --steps 6 --warmup 2)
+    SIZE_ARGS=(--preset 7b --steps 6 --warmup 2)
 fi
 # The baseline first (no autotuning, predictable), then ours in the rest of the stage: a variant
 # that overruns is killed by bench_train itself and the other's numbers are kept.
-BENCH_ARGS+=(--variants baseline,ours --timeout $(( BENCH_S - 15 )))
-if ! run_stage bench_train "$BENCH_S" 0 "$PYTHON" -m profiling.bench_train "${BENCH_ARGS[@]}" \
+BENCH_ARGS=("${SIZE_ARGS[@]}" --variants baseline,ours --timeout $(( BENCH_S - 15 )))
+CKPT_ARGS=()
+if ! run_stage bench_train "$BENCH_S" "$PACKED_S" "$PYTHON" -m profiling.bench_train "${BENCH_ARGS[@]}" \
         --json "$OUT_DIR/bench_train.json" --csv "$OUT_DIR/bench_train.csv" --run-dir "$OUT_DIR/bench_train_run"; then
     # Most likely out of memory without activation checkpointing: measure with it, if time is left.
-    run_stage bench_train_ckpt "$BENCH_S" 0 "$PYTHON" -m profiling.bench_train "${BENCH_ARGS[@]}" \
-        --gradient-checkpointing --json "$OUT_DIR/bench_train_ckpt.json" --csv "$OUT_DIR/bench_train.csv"
+    CKPT_ARGS=(--gradient-checkpointing)
+    run_stage bench_train_ckpt "$BENCH_S" "$PACKED_S" "$PYTHON" -m profiling.bench_train "${BENCH_ARGS[@]}" \
+        "${CKPT_ARGS[@]}" --json "$OUT_DIR/bench_train_ckpt.json" --csv "$OUT_DIR/bench_train.csv"
 fi
-# Large and rebuilt on every run: the replayed batches, ours' end-of-run checkpoint and adapter.
-rm -rf "$OUT_DIR/bench_train_run/batches.pt" "$OUT_DIR/bench_train_run/ours/checkpoints" "$OUT_DIR/bench_train_run/ours/adapter"
 
-# --- 4. the table, last --------------------------------------------------------------------------
+# --- 4. the same samples packed: ours on packed rows (padding-free), one more 7B build ----------
+# Same batches as stage 3 (same seed and budget), packed per step; compared with stage 3's ours.
+run_stage bench_train_packed "$PACKED_S" 0 "$PYTHON" -m profiling.bench_train "${SIZE_ARGS[@]}" ${CKPT_ARGS[@]+"${CKPT_ARGS[@]}"} \
+    --variants ours --packing on --timeout $(( PACKED_S - 15 )) \
+    --json "$OUT_DIR/bench_train_packed.json" --csv "$OUT_DIR/bench_train.csv" --run-dir "$OUT_DIR/bench_train_packed_run"
+# Large and rebuilt on every run: the replayed batches, ours' end-of-run checkpoint and adapter.
+for run in bench_train_run bench_train_packed_run; do
+    rm -rf "$OUT_DIR/$run"/batches*.pt "$OUT_DIR/$run"/ours*/checkpoints "$OUT_DIR/$run"/ours*/adapter
+done
+
+# --- 5. the table, last --------------------------------------------------------------------------
 say "done in $(elapsed)s; files in $OUT_DIR"
 "$PYTHON" -m profiling.gpu_summary "$OUT_DIR"

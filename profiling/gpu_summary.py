@@ -3,7 +3,7 @@
     python -m profiling.gpu_summary OUT_DIR
 
 Reads OUT_DIR/stages.jsonl (written by gpu_check.sh), bench_train.json (or bench_train_ckpt.json),
-bench_lora.json and bench_linear_cross_entropy.json where present, prints one short table and
+bench_train_packed.json (ours on packed rows of the same batches, its own stage), bench_lora.json and bench_linear_cross_entropy.json where present, prints one short table and
 writes OUT_DIR/summary.json. A missing or unreadable file is named in the table, never fatal.
 """
 from __future__ import annotations
@@ -46,23 +46,37 @@ def fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def bench_train_lines(out_dir: Path) -> list[tuple[str, str]]:
-    lines = []
+    lines, padded = [], None
     for name in ("bench_train.json", "bench_train_ckpt.json"):  # the second: the retry with checkpointing
         report = read_json(out_dir / name)
         if report is not None:
             lines += one_bench_train(report)
+            padded = report if "error" not in report["results"].get("ours", {"error": 1}) else padded
+    packed = read_json(out_dir / "bench_train_packed.json")
+    if packed is not None:
+        lines += one_bench_train(packed, padded)
     return lines or [("bench_train", "no bench_train.json")]
 
 
-def one_bench_train(report: dict) -> list[tuple[str, str]]:
+def one_bench_train(report: dict, padded_report: dict | None = None) -> list[tuple[str, str]]:
+    """Headline lines of one bench_train report. `padded_report`: the run of ours on the padded
+    batches in another stage, for the packed / padded ratio of a packed-only report."""
     s, res, cmp_ = report["settings"], report["results"], report.get("comparison") or {}
     tag = f"bench_train {s['preset']}{' (grad ckpt)' if s.get('gradient_checkpointing') else ''}"
     failed = [v for v, r in res.items() if "error" in r]
-    if failed:
-        return [(tag, "failed: " + ", ".join(f"{v} {res[v]['error']}" for v in failed))] + [
-            (f"{tag} {v} tokens/s | peak GiB", f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f}")
-            for v, r in res.items() if "error" not in r]
-    ours, base = res["ours"], res["baseline"]
+    ok = {v: r for v, r in res.items() if "error" not in r}
+    lines = [(tag, "failed: " + ", ".join(f"{v} {res[v]['error']}" for v in failed))] if failed else []
+    if "ours" in ok and "baseline" in ok:
+        lines += ours_vs_baseline_lines(tag, ok["ours"], ok["baseline"], cmp_)
+    else:
+        lines += [(f"{tag} {v} tokens/s | peak GiB", f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f}")
+                  for v, r in ok.items() if v in ("ours", "baseline")]
+    if "ours_packed" in ok:
+        lines += packed_lines(tag, report, padded_report)
+    return lines
+
+
+def ours_vs_baseline_lines(tag: str, ours: dict, base: dict, cmp_: dict) -> list[tuple[str, str]]:
     goals = cmp_.get("goals", {})
 
     def goal(key):
@@ -75,6 +89,28 @@ def one_bench_train(report: dict) -> list[tuple[str, str]]:
             (f"{tag} MFU ours vs baseline", mfu + goal("mfu")),
             (f"{tag} peak GiB ours | baseline", f"{ours['peak_gib']:.1f} | {base['peak_gib']:.1f}, ratio "
              + fmt(cmp_.get("memory_ratio"), ".2f", "x") + goal("memory_ratio"))]
+
+
+def packed_lines(tag: str, report: dict, padded_report: dict | None) -> list[tuple[str, str]]:
+    """Ours on packed rows: tokens/s, packing efficiency against the same samples padded, and
+    packed / padded tokens/s (same run where it has both, else against the padded stage's run)."""
+    s, packed, cmp_ = report["settings"], report["results"]["ours_packed"], report.get("comparison") or {}
+    padded_eff = 1 - s["padding_pct"] / 100
+    mfu = f", MFU {packed['mfu'] * 100:.1f}%" if packed.get("mfu") is not None else ""
+    lines = [(f"{tag} tokens/s ours packed", f"{packed['tokens_per_s']:,.0f}{mfu}, peak {packed['peak_gib']:.1f} GiB"),
+             (f"{tag} packing efficiency packed | padded", f"{packed.get('packing_efficiency', 1.0):.3f} | {padded_eff:.3f}")]
+    if "packed_vs_padded_speedup" in cmp_:
+        lines.append((f"{tag} tokens/s packed / padded", f"{cmp_['packed_vs_padded_speedup']:.2f}x (same run)"))
+    elif padded_report is not None and same_setup(report, padded_report):
+        padded = padded_report["results"]["ours"]
+        lines.append((f"{tag} tokens/s packed / padded",
+                      f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x (separate stages, same batches)"))
+    return lines
+
+
+def same_setup(a: dict, b: dict) -> bool:
+    keys = ("preset", "recipe", "budget", "steps", "warmup", "nproc", "gradient_checkpointing", "overrides")
+    return all(a["settings"].get(k) == b["settings"].get(k) for k in keys)
 
 
 def lora_lines(out_dir: Path) -> list[tuple[str, str]]:

@@ -13,10 +13,11 @@ import triton
 import triton.language as tl
 
 from engine import attention
-from engine.attention import (apply_liger, packed_hidden_states, reference_varlen_attn, register_varlen_attention,
-                              resolve_attn_backend, set_attn_implementation)
+from engine.attention import (SDPA_VARLEN_IMPL, apply_liger, llm_attention_mask, packed_hidden_states,
+                              reference_varlen_attn, register_varlen_attention, resolve_attn_backend,
+                              set_attn_backend, set_attn_implementation)
 from engine.config import LoRAConfig, LossConfig, ModelConfig
-from engine.model import IGNORE_INDEX, build_model
+from engine.model import IGNORE_INDEX, build_model, text_position_ids
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, IM_START, build_tiny_tokenizer
 from loaders.batching import collate
 from loaders.packing import collate_packed
@@ -74,6 +75,8 @@ def setup():
     examples = examples_of(make_batch(tokenizer, seed=11, batch_size=4))
     assert len({e.num_tokens for e in examples}) > 1, "the samples must differ in length"
     register_varlen_attention(REFERENCE_VARLEN, reference_varlen_attn)
+    assert set_attn_backend(model.thinker, "sdpa_varlen") == SDPA_VARLEN_IMPL  # registers it
+    set_attn_implementation(model.thinker, "sdpa")
     return model, tokenizer, examples
 
 
@@ -117,7 +120,7 @@ def assert_close(got, want, what):
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", REFERENCE_VARLEN])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", REFERENCE_VARLEN, SDPA_VARLEN_IMPL])
 def test_packed_row_equals_each_sample_alone(setup, impl):
     model, tokenizer, examples = setup
     set_attn_implementation(model.thinker, "sdpa")
@@ -206,13 +209,15 @@ def test_varlen_function_unpads_a_padded_batch(setup):
 
 def test_backend_selection_and_errors(monkeypatch):
     assert resolve_attn_backend("auto", CPU) == "sdpa"
+    assert resolve_attn_backend("auto", CPU, packing=True) == "sdpa_varlen"  # per-sample SDPA for packed rows
+    assert resolve_attn_backend("sdpa", CPU, packing=True) == "sdpa"
     assert resolve_attn_backend("sdpa", CPU) == "sdpa"
     assert resolve_attn_backend("eager", CPU) == "eager"
-    with pytest.raises(ValueError, match="flash_attn is not available on cpu.*flash-attn.*Available here: sdpa, eager"):
+    with pytest.raises(ValueError, match="flash_attn is not available on cpu.*flash-attn.*Available here: sdpa_varlen, sdpa, eager"):
         resolve_attn_backend("flash_attn", CPU)
     with pytest.raises(ValueError, match="torch_varlen is not available on cpu.*Available here: sdpa"):
         resolve_attn_backend("torch_varlen", CPU)
-    with pytest.raises(ValueError, match="'flash' is not a backend; use auto, flash_attn, torch_varlen, sdpa, eager"):
+    with pytest.raises(ValueError, match="'flash' is not a backend; use auto, flash_attn, torch_varlen, sdpa_varlen, sdpa, eager"):
         resolve_attn_backend("flash", CPU)
     assert attention.resolve_liger("auto", CPU) is False and attention.resolve_liger(False, "cuda") is False
     with pytest.raises(ValueError, match="model.liger=true needs CUDA.*on cpu"):
@@ -223,6 +228,37 @@ def test_backend_selection_and_errors(monkeypatch):
     assert resolve_attn_backend("auto", "cuda") == "torch_varlen"
     monkeypatch.setattr(attention, "available_backends", lambda device: ["flash_attn", "torch_varlen", "sdpa"])
     assert resolve_attn_backend("auto", "cuda") == "flash_attn"
+    assert resolve_attn_backend("auto", "cuda", packing=True) == "flash_attn"
+
+
+def test_right_padded_batch_runs_without_a_mask_and_gives_the_same_result(setup):
+    """llm_attention_mask drops the padding mask of a right-padded batch (causal attention alone
+    keeps real tokens off the pads): the same hidden states, loss and LoRA gradients."""
+    model, tokenizer, examples = setup
+    batch = collate(examples, tokenizer.pad_token_id)
+    mask = batch["attention_mask"]
+    assert (mask == 0).any(), "the batch must have padding"
+    assert llm_attention_mask(mask, "sdpa") is None
+    assert llm_attention_mask(mask, "eager") is mask and llm_attention_mask(None, "sdpa") is None
+    left_padded = mask.flip(1)
+    assert llm_attention_mask(left_padded, "sdpa") is left_padded
+    real = mask.bool()
+    results = []
+    for given in (mask, None):
+        model.zero_grad()
+        embeds = model.embed(batch["input_ids"], model.encode_audio(batch["input_features"], batch["feature_attention_mask"]))
+        hidden = model.llm(inputs_embeds=embeds, attention_mask=given, position_ids=text_position_ids(mask),
+                           use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden).float()
+        loss = sum(sample_loss(logits[i], batch["labels"][i]) for i in range(len(examples)))
+        loss.backward()
+        results.append((hidden[real].detach(), loss.detach(), lora_grads(model)))
+    (h_mask, loss_mask, g_mask), (h_none, loss_none, g_none) = results
+    assert_close(h_none, h_mask, "hidden states of real tokens")
+    assert_close(loss_none, loss_mask, "loss")
+    for name in g_mask:
+        assert g_mask[name].abs().max() > 0, name
+        assert_close(g_none[name], g_mask[name], f"gradient of {name}")
 
 
 # --- Liger ------------------------------------------------------------------------------------

@@ -11,11 +11,16 @@ from engine.parallel import apply_parallelism, init_distributed
 from engine.tokenizer import build_tiny_tokenizer
 from engine.trainer import Trainer
 from synthetic_batches import FixedStream, make_batch
+from torch.distributed.tensor import DTensor
+
+
+def full(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @pytest.fixture(scope="module")
 def env():
-    return init_distributed()  # a one-rank gloo group: the same FSDP2 path as a torchrun job
+    return init_distributed()  # a one-rank gloo group, as a torchrun job of one process
 
 
 def make_trainer(env, out, overrides=(), repeat_first=False):
@@ -24,7 +29,7 @@ def make_trainer(env, out, overrides=(), repeat_first=False):
                                  "lora.dropout=0", *overrides])
     tok = build_tiny_tokenizer()
     model = build_model(cfg.model, cfg.lora, cfg.loss, tok, env.device)
-    apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device)
+    apply_parallelism(model, gradient_checkpointing=False, compile=False, device=env.device, fsdp=cfg.model.fsdp)
     stream = FixedStream(tok, rank=0, world_size=1, global_micro=1, repeat_first=repeat_first)
     out.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, env, model, stream, None, out), tok
@@ -39,8 +44,14 @@ def test_loss_falls_on_a_repeated_batch(env, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_failed_save_leaves_the_previous_checkpoint_as_latest(env, tmp_path, monkeypatch):
-    trainer, _ = make_trainer(env, tmp_path / "run", ["max_steps=4", "optim.lr=1e-2", "checkpoint.every=2"])
+# One process on CPU: "auto" leaves the model unwrapped (nothing to shard), "true" is the FSDP2
+# path of a multi-process job; checkpoints must save and resume on both.
+@pytest.mark.parametrize("fsdp", ["auto", "true"])
+def test_failed_save_leaves_the_previous_checkpoint_as_latest(env, tmp_path, monkeypatch, fsdp):
+    settings = ["max_steps=4", "optim.lr=1e-2", "checkpoint.every=2", f"model.fsdp={fsdp}"]
+    trainer, _ = make_trainer(env, tmp_path / "run", settings)
+    sharded = [isinstance(p, DTensor) for p in trainer.model.parameters()]
+    assert all(sharded) if fsdp == "true" else not any(sharded)
     calls = {"n": 0}
     real_commit = ckpt.commit_checkpoint
 
@@ -59,8 +70,12 @@ def test_failed_save_leaves_the_previous_checkpoint_as_latest(env, tmp_path, mon
     assert any(p.name.startswith(".step_00000004") for p in root.iterdir())  # the broken one is left hidden
     # resume=auto really loads it: a fresh trainer continues at step 2
     monkeypatch.setattr(ckpt, "commit_checkpoint", real_commit)
-    fresh, _ = make_trainer(env, tmp_path / "run", ["max_steps=4", "optim.lr=1e-2", "checkpoint.every=2"])
+    fresh, _ = make_trainer(env, tmp_path / "run", settings)
     assert fresh.resume() and fresh.state.step == 2
+    # the resumed weights and optimizer state are the saved ones, not the fresh init
+    saved = {n: p.detach().clone() for n, p in fresh.model.named_parameters() if p.requires_grad}
+    assert any(float(full(t).abs().max()) > 0 for n, t in saved.items() if n.endswith("lora_B"))
+    assert all(len(fresh.optimizer.state[p]) > 0 for p in fresh.params)
     trainer.close()
     fresh.close()
 
@@ -97,3 +112,15 @@ def test_exported_adapter_loads_in_peft_and_reproduces_our_logits(env, tmp_path)
     mask = batch["attention_mask"].bool()
     assert torch.allclose(peft_logits[mask], our_logits[mask], atol=1e-4, rtol=1e-4)
     assert (peft_logits[mask] - base_logits[mask]).abs().max() > 1e-3  # the adapter changes the model
+
+
+def test_fsdp_setting_is_checked():
+    from engine.parallel import fsdp_wanted
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not fsdp_wanted("auto", 1, cpu) and fsdp_wanted("auto", 2, cpu) and fsdp_wanted("auto", 1, cuda)
+    assert fsdp_wanted(True, 1, cpu) and not fsdp_wanted(False, 1, cuda)
+    with pytest.raises(ValueError, match="each rank would train its own copy"):
+        fsdp_wanted("false", 2, cpu)
+    with pytest.raises(ValueError, match="model.fsdp='sometimes'"):
+        fsdp_wanted("sometimes", 1, cpu)

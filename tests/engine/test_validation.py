@@ -235,7 +235,7 @@ def test_greedy_decode_stops_rows_at_im_end_and_never_emits_audio_placeholders()
 
 
 def test_loader_rows_split_into_prompt_and_reference(shard_dir):
-    from loaders.pipeline import build_val_batches
+    from loaders.val_batches import build_val_batches
 
     tokenizer = build_tiny_tokenizer()
     cfg = DataConfig(train=str(shard_dir / "train-000000.tar"), val=str(shard_dir / "val-000000.tar"),

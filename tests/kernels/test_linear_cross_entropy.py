@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kernels.linear_cross_entropy import (
     CPU_MAX_CHUNK_BYTES,
+    CPU_SINGLE_CHUNK_BYTES,
     choose_chunk_rows,
     cross_entropy_rows_reference,
     cross_entropy_rows_triton,
@@ -309,6 +310,16 @@ def test_chunks_bound_memory_at_the_qwen_vocabulary():
     assert 1 <= rows < 2048 and rows * vocab * 4 <= CPU_MAX_CHUNK_BYTES + 16 * vocab * 4
     # Short batches are not cut into 1/8 slivers whose GEMMs would only re-read W.
     assert choose_chunk_rows(128, 256, vocab, 4, 4, cpu) > 128 // 8
+
+
+def test_small_logits_on_cpu_are_one_chunk():
+    """The tiny preset's loss (a few hundred target rows x 384 classes) runs as one GEMM per
+    direction; logits past CPU_SINGLE_CHUNK_BYTES are chunked again."""
+    cpu = torch.device("cpu")
+    assert choose_chunk_rows(140, 128, 384, 4, 4, cpu) == 140
+    rows_fit = CPU_SINGLE_CHUNK_BYTES // (384 * 4)
+    assert choose_chunk_rows(rows_fit, 128, 384, 4, 4, cpu) == rows_fit
+    assert choose_chunk_rows(rows_fit + 1, 128, 384, 4, 4, cpu) < rows_fit + 1
 
 
 def test_resolve_loss_impl(monkeypatch):

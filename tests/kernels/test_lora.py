@@ -1,4 +1,5 @@
-"""kernels/lora.py: the Triton path against the PyTorch reference, PEFT's LoraLayer and the formulas.
+"""kernels/lora.py: the Triton path against the PyTorch reference, PEFT's LoraLayer and the formulas
+(the grouped variants of kernels/lora_grouped.py: tests/kernels/test_lora_grouped.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) in fp32 and fp16 (bf16 tl.dot
 is wrong under the interpreter); bf16 runs on a GPU through the `gpu` marker:
@@ -8,12 +9,10 @@ PEFT's zeros; every buffer the module allocates is poisoned with NaN before the 
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels import lora as lora_mod
 from kernels.lora import (
-    dropout_keep_mask, lora_linear, lora_linear_reference, lora_mlp, lora_mlp_reference, lora_qkv,
-    lora_qkv_reference, materialize_keep_mask, resolve_lora_impl,
+    dropout_keep_mask, lora_linear, lora_linear_reference, materialize_keep_mask, resolve_lora_impl,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -242,59 +241,6 @@ def test_grad_A_split_reduction_equals_single_pass(poisoned):
     m = dropout_keep_mask(11, M, K, 0.3, "cpu").float()
     assert_close("dA splits=3", split, single, torch.float32)
     assert_close("dA", single, SCALE * gB.T @ (m * x / 0.7), torch.float32)
-
-
-# ----------------------------------------------------------------------------- grouped variants
-def qkv_params(device, dtype, rank):
-    # Grouped-query attention in miniature: k and v narrower than q, as in Qwen2.5.
-    shapes = [(N, 1), (31, 2), (31, 3)]
-    parts = [make_linear(device, dtype, rank, bias=True, n=n, seed=s) for n, s in shapes]
-    return [list(t) for t in zip(*parts)]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_lora_qkv_matches_unfused_reference(poisoned, device, dtype, dropout_p, impl):
-    weights, As, Bs, biases = qkv_params(device, dtype, 8)
-    x = rand_input(device, dtype, M, K)
-    inputs = (x, *As, *Bs)
-    got = run(lambda: lora_qkv(x, weights, As, Bs, SCALE, biases, dropout_p, 7, impl=impl), inputs)
-    want = run(lambda: lora_qkv_reference(x, weights, As, Bs, SCALE, biases, dropout_p, 7), inputs)
-    names = ["q", "k", "v", "dx", "dAq", "dAk", "dAv", "dBq", "dBk", "dBv"]
-    for name, a, e in zip(names, got[0] + got[1], want[0] + want[1]):
-        assert_close(name, a, e, dtype)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_lora_mlp_matches_unfused_reference(poisoned, device, dtype, dropout_p, impl):
-    inter = 77
-    parts = [make_linear(device, dtype, 4, bias=False, k=k, n=n, seed=s)
-             for k, n, s in [(K, inter, 1), (K, inter, 2), (inter, K, 3)]]
-    weights, As, Bs, _ = [list(t) for t in zip(*parts)]
-    x = rand_input(device, dtype, 5, 9, K)
-    inputs = (x, *As, *Bs)
-    got = run(lambda: lora_mlp(x, weights, As, Bs, SCALE, dropout_p, 8, impl=impl), inputs)
-    want = run(lambda: lora_mlp_reference(x, weights, As, Bs, SCALE, dropout_p, 8), inputs)
-    names = ["out", "dx", "dA_gate", "dA_up", "dA_down", "dB_gate", "dB_up", "dB_down"]
-    for name, a, e in zip(names, got[0] + got[1], want[0] + want[1]):
-        assert_close(name, a, e, dtype)
-
-
-def test_mlp_reference_is_swiglu_of_separate_linears():
-    """The grouped reference itself equals three lora_linear calls (mask seeds included)."""
-    parts = [make_linear("cpu", torch.float32, 4, bias=False, k=k, n=n, seed=s)
-             for k, n, s in [(K, 40, 1), (K, 40, 2), (40, K, 3)]]
-    (wg, wu, wd), (ag, au, ad), (bg, bu, bd), _ = [list(t) for t in zip(*parts)]
-    x = rand_input("cpu", torch.float32, 6, K)
-    seed = 21
-    h = F.silu(lora_linear_reference(x, wg, ag, bg, SCALE, None, 0.1, seed)) \
-        * lora_linear_reference(x, wu, au, bu, SCALE, None, 0.1, seed)
-    want = lora_linear_reference(h, wd, ad, bd, SCALE, None, 0.1, lora_mod._down_seed(seed))
-    got = lora_mlp(x, [wg, wu, wd], [ag, au, ad], [bg, bu, bd], SCALE, 0.1, seed, impl="reference")
-    assert torch.equal(got, want)
 
 
 @gpu

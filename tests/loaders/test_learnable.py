@@ -27,7 +27,7 @@ from engine.model import build_model
 from engine.runner import run_training
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.demo_data import write_demo_shards
-from loaders.pipeline import build_val_batches
+from loaders.val_batches import build_val_batches
 from loaders.tasks import TASKS
 
 # 300 steps take ~85 s of training on the 2-core CI machine (one thread); the label accuracy

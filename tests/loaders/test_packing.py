@@ -13,7 +13,7 @@ from loaders.demo_data import write_demo_shards
 from loaders.batching import LOOKAHEAD_BATCHES
 from loaders.packing import (NO_TASK, PackingError, budget_fill, collate_packed, pack_examples, packing_efficiency,
                              select_packed_row)
-from loaders.pipeline import build_val_batches
+from loaders.val_batches import build_val_batches
 from loaders.prompts import IGNORE_INDEX
 from loaders.stream import Example
 from loaders.tasks import TASK_IDS

@@ -12,7 +12,9 @@ import soundfile
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.audio import decode_audio
 from loaders.config import DataConfig
-from loaders.pipeline import TrainStream, build_val_batches, demo_shard_urls
+from loaders.pipeline import TrainStream
+from loaders.sources import demo_shard_urls
+from loaders.val_batches import build_val_batches
 from loaders.prompts import IGNORE_INDEX, IM_END, audio_token_count
 from loaders.shards import ShardError, iter_tar_samples
 from loaders.stream import ExampleSource
