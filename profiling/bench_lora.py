@@ -11,7 +11,8 @@ Compared, in the same run and on the same inputs:
              (the recipe's lora.impl=auto takes whichever of the two this benchmark shows faster)
   peft       PEFT's LoraLayer (peft.tuners.lora.Linear) in eager mode      <- named baseline
   compiled   the PyTorch reference under torch.compile (GPU; --compile on CPU)
-  reference  the PyTorch reference in eager mode (CPU)
+  reference  the PyTorch reference in eager mode (CPU), with the kernels' Philox dropout mask
+  torch      the engine's CPU path (lora.impl=torch): the reference math, dropout mask from torch's RNG
   gemm_bound the base GEMMs alone (x W^T forward, dy W backward): the lower bound of the layer
 Ratios printed: time / gemm_bound and peft / time (speed-up over PEFT). The table is printed,
 written as JSON (--json) and appended as CSV rows to profiling/results/bench_lora.csv.
@@ -105,6 +106,8 @@ def single_candidates(k, n, device, dtype, dropout_p, compile_ref, gen, with_our
     ref = compiled_reference() if compile_ref else lora_linear_reference
     cands["compiled" if compile_ref else "reference"] = \
         lambda x: ref(x, weight, lora_A, lora_B, scale, None, dropout_p, 1234)
+    if device.type != "cuda":
+        cands["torch"] = lambda x: lora_linear(x, weight, lora_A, lora_B, scale, None, dropout_p, 1234, impl="torch")
     return cands
 
 
@@ -119,6 +122,8 @@ def qkv_candidates(shapes, device, dtype, dropout_p, gen, with_ours):
     if with_ours:
         for name, impl in OURS.items():
             cands[name] = lambda x, impl=impl: lora_qkv(x, weights, As, Bs, scale, (None,) * 3, dropout_p, impl=impl)
+    if device.type != "cuda":
+        cands["torch"] = lambda x: lora_qkv(x, weights, As, Bs, scale, (None,) * 3, dropout_p, 1234, impl="torch")
     return cands
 
 
@@ -136,6 +141,7 @@ def mlp_candidates(shapes, device, dtype, dropout_p, gen, with_ours):
             cands[name] = lambda x, impl=impl: lora_mlp(x, weights, As, Bs, scale, dropout_p, impl=impl)
     if device.type != "cuda":
         cands["reference"] = lambda x: lora_mlp_reference(x, weights, As, Bs, scale, dropout_p, 1234)
+        cands["torch"] = lambda x: lora_mlp(x, weights, As, Bs, scale, dropout_p, 1234, impl="torch")
     return cands
 
 
@@ -192,11 +198,11 @@ def print_table(rows, label):
               f"{r['x_gemm_bound']:>9.2f}{r['speedup_vs_peft']:>9.2f}")
 
 
-def append_csv(rows, meta):
-    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
+def append_csv(path: Path, rows, meta):
+    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(meta) + list(rows[0])
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as f:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
@@ -215,6 +221,7 @@ def main(argv=None):
     parser.add_argument("--with-ours", action=argparse.BooleanOptionalAction, default=None,
                         help="time our Triton paths (default: on GPU only; on CPU needs TRITON_INTERPRET=1)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append the rows to")
     args = parser.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
@@ -248,7 +255,7 @@ def main(argv=None):
                 case = run_case(layer, k, m, dropout_p, cands, device, dtype, gen)
                 # Results are kept as they come, so a run cut short by a time limit still reports.
                 rows += case
-                append_csv(case, meta)
+                append_csv(args.csv, case, meta)
                 if args.json:
                     write_json(args.json, meta, rows)
                 print(" ".join(f"{r['layer']}/{r['tokens']}/{r['dropout']}/{r['impl']}={r['ms']:.3f}ms" for r in case),
@@ -258,7 +265,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
 
     print_table(rows, label)
-    print(f"appended {len(rows)} rows to {RESULTS_CSV}" + (f"; wrote {args.json}" if args.json else ""))
+    print(f"appended {len(rows)} rows to {args.csv}" + (f"; wrote {args.json}" if args.json else ""))
     return rows
 
 
