@@ -16,7 +16,7 @@ from engine.aligner_refresh import attach_aligner_refresh
 from engine.config import RunConfig, save_config
 from engine.attention import resolve_attn_backend, resolve_liger
 from engine.model import build_model, count_parameters
-from engine.parallel import DistEnv, apply_parallelism, close_distributed, init_distributed
+from engine.parallel import DistEnv, apply_parallelism, close_distributed, fsdp_wanted, init_distributed
 from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
 from engine.trainer import Trainer, write_summary
 from engine.validation import attach_validation, final_validation
@@ -52,9 +52,10 @@ def resolve_impls(cfg: RunConfig, env: DistEnv) -> None:
     cfg.loss.impl = resolve_loss_impl(cfg.loss.impl, env.device)
     cfg.model.attn_backend = resolve_attn_backend(cfg.model.attn_backend, env.device, packing=cfg.data.packing)
     cfg.model.liger = resolve_liger(cfg.model.liger, env.device)
+    fsdp = fsdp_wanted(cfg.model.fsdp, env.world_size, env.device)   # fails early on a bad setting
     say(env, f"kernels: lora={cfg.lora.impl}, loss={cfg.loss.impl}; attention={cfg.model.attn_backend}, "
              f"liger={cfg.model.liger}, packing={cfg.data.packing}; device={env.device}, "
-             f"world size {env.world_size} ({env.backend})")
+             f"world size {env.world_size} ({env.backend}), FSDP2 {'on' if fsdp else 'off'} (model.fsdp={cfg.model.fsdp})")
 
 
 def build_stream(cfg: RunConfig, tokenizer, env: DistEnv):

@@ -423,11 +423,27 @@ def reference_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, devic
 
 
 def _reference_dropout(x2d, dropout_p, seed, keep_mask=None, rng="philox"):
+    """x with the dropped elements zeroed, NOT yet scaled by 1 / (1 - p): ``lora_rows`` applies
+    that gain to the [M, r] intermediate instead of to every element of x."""
     if dropout_p == 0.0:
         return x2d
     if keep_mask is None:
         keep_mask = reference_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, x2d.device, rng)
-    return x2d * keep_mask.to(x2d.dtype) / (1.0 - effective_dropout(dropout_p, rng))
+    return x2d * (keep_mask if keep_mask.dtype == torch.bool else keep_mask.to(x2d.dtype))
+
+
+def dropout_gain(dropout_p: float, rng: str) -> float:
+    """1 / (1 - p) of the mask the reference draws (inverted dropout)."""
+    return 1.0 / (1.0 - effective_dropout(dropout_p, rng))
+
+
+def lora_rows(x2d, dropped, weight, lora_A, lora_B, scale, bias=None):
+    """y = x W^T + b + scale (dropped A^T) B^T over rows, in the order that costs the fewest passes
+    over [M, K] and [M, N] in plain PyTorch: the scale (times the dropout gain, folded in by the
+    caller) multiplies the [M, r] intermediate, and the rank-r product accumulates into the base
+    GEMM's output (addmm_, beta=1) instead of being written and added. In place is safe: a linear
+    saves its inputs for backward, not its output."""
+    return F.linear(x2d, weight, bias).addmm_(F.linear(dropped, lora_A) * scale, lora_B.t())
 
 
 def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, keep_mask=None,
@@ -437,7 +453,8 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p
     seed = _check_seed(dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])
     dropped = _reference_dropout(x2d, dropout_p, seed, keep_mask, rng)
-    y = F.linear(x2d, weight, bias) + scale * F.linear(F.linear(dropped, lora_A), lora_B)
+    gain = dropout_gain(dropout_p, rng) if dropout_p else 1.0
+    y = lora_rows(x2d, dropped, weight, lora_A, lora_B, scale * gain, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kernels.lora import (SEED_MODULUS, LoRAGroupFunction, _as_input_dtype, _autocast_input, _check_seed,
                           _check_shapes, _group_backward, _group_forward, _reference_dropout, _require_triton,
-                          lora_linear_reference, resolve_lora_impl)
+                          dropout_gain, lora_linear_reference, lora_rows, resolve_lora_impl)
 
 try:  # triton is a Linux-only dependency; the reference path runs without it
     import triton
@@ -77,22 +77,23 @@ def swiglu_backward(dh, gate, up):
 
 # ----------------------------------------------------------------------------- reference
 def _dropped_once(x, dropout_p, seed, rng):
-    """x as rows, and its dropout with the group's one mask: drawn and applied once, not per projection."""
+    """x as rows, and its dropout with the group's one mask: drawn and applied once, not per
+    projection; with the mask's gain 1 / (1 - p), which lora_rows folds into the scale."""
     x2d = x.reshape(-1, x.shape[-1])
-    return x2d, _reference_dropout(x2d, dropout_p, seed, None, rng)
+    gain = dropout_gain(dropout_p, rng) if dropout_p else 1.0
+    return x2d, _reference_dropout(x2d, dropout_p, seed, None, rng), gain
 
 
 def _lora_of_dropped(x2d, dropped, weight, lora_A, lora_B, scale, bias, lead_shape):
-    y = F.linear(x2d, weight, bias) + scale * F.linear(F.linear(dropped, lora_A), lora_B)
-    return y.reshape(*lead_shape, weight.shape[0])
+    return lora_rows(x2d, dropped, weight, lora_A, lora_B, scale, bias).reshape(*lead_shape, weight.shape[0])
 
 
 def lora_qkv_reference(x, weights, lora_As, lora_Bs, scale, biases=(None, None, None), dropout_p=0.0, seed=None,
                        rng="philox"):
     """Three plain-PyTorch LoRA linears of x with the group's one mask."""
     seed = _check_seed(dropout_p, seed)
-    x2d, dropped = _dropped_once(x, dropout_p, seed, rng)
-    return tuple(_lora_of_dropped(x2d, dropped, w, a, b, scale, bias, x.shape[:-1])
+    x2d, dropped, gain = _dropped_once(x, dropout_p, seed, rng)
+    return tuple(_lora_of_dropped(x2d, dropped, w, a, b, scale * gain, bias, x.shape[:-1])
                  for w, a, b, bias in zip(weights, lora_As, lora_Bs, biases))
 
 
@@ -100,9 +101,9 @@ def lora_mlp_reference(x, weights, lora_As, lora_Bs, scale, dropout_p=0.0, seed=
     """down(silu(gate(x)) * up(x)), each a LoRA linear without bias (as in Qwen2 MLPs)."""
     seed = _check_seed(dropout_p, seed)
     (wg, wu, wd), (ag, au, ad), (bg, bu, bd) = weights, lora_As, lora_Bs
-    x2d, dropped = _dropped_once(x, dropout_p, seed, rng)
-    gate = _lora_of_dropped(x2d, dropped, wg, ag, bg, scale, None, x.shape[:-1])
-    up = _lora_of_dropped(x2d, dropped, wu, au, bu, scale, None, x.shape[:-1])
+    x2d, dropped, gain = _dropped_once(x, dropout_p, seed, rng)
+    gate = _lora_of_dropped(x2d, dropped, wg, ag, bg, scale * gain, None, x.shape[:-1])
+    up = _lora_of_dropped(x2d, dropped, wu, au, bu, scale * gain, None, x.shape[:-1])
     return lora_linear_reference(F.silu(gate) * up, wd, ad, bd, scale, None, dropout_p, _down_seed(seed), rng=rng)
 
 
