@@ -82,14 +82,15 @@ def test_a_trained_encoder_is_exported_as_peft_modules_to_save(demo_dir, tmp_pat
     adapter = out / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["audio_tower"]
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    conv = "base_model.model.model.audio_tower.conv1.weight"
     tokenizer = build_tiny_tokenizer()
     cfg = load_config("ads", ["model.train_audio_encoder=true"])
     base = build_thinker(cfg.model, tokenizer, device=torch.device("cpu"), dtype=torch.float32)
+    tower = locate_parts(base).audio_path     # model.audio_tower, or audio_tower in the flat layout
+    conv = f"base_model.model.{tower}.conv1.weight"
     assert not torch.equal(tensors[conv], locate_parts(base).audio_tower.conv1.weight)   # it trained
     peft_model = PeftModel.from_pretrained(base, str(adapter))
     loaded = dict(peft_model.named_parameters())
-    assert torch.equal(loaded["base_model.model.model.audio_tower.modules_to_save.default.conv1.weight"], tensors[conv])
+    assert torch.equal(loaded[f"base_model.model.{tower}.modules_to_save.default.conv1.weight"], tensors[conv])
     ours = build_model(cfg.model, cfg.lora, cfg.loss, tokenizer, torch.device("cpu"))
     assert load_adapter_into(ours, adapter) == len(tensors)
     assert torch.equal(ours.audio_tower.conv1.weight, tensors[conv])

@@ -118,8 +118,9 @@ def test_parameter_names_and_exported_adapter_keys_do_not_change(tokenizer):
     lora = lambda m: {n: p for n, p in m.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
     keys = set(peft_state_dict(lora(grouped), "thinker."))
     assert keys == set(peft_state_dict(lora(plain), "thinker."))
-    assert "base_model.model.model.language_model.layers.0.mlp.gate_proj.lora_A.weight" in keys
-    assert "base_model.model.model.language_model.layers.3.self_attn.v_proj.lora_B.weight" in keys
+    llm = plain.parts.llm_path     # model.language_model (transformers >= 5.2x) or model (flat layout)
+    assert f"base_model.model.{llm}.layers.0.mlp.gate_proj.lora_A.weight" in keys
+    assert f"base_model.model.{llm}.layers.3.self_attn.v_proj.lora_B.weight" in keys
 
 
 def test_partial_targets_fall_back_to_per_projection_lora_and_train(tokenizer, call_counts):
