@@ -383,3 +383,37 @@ def test_gpu_liger_patched_llm_matches_the_unpatched_one():
     examples = examples_of(make_batch(tokenizer, seed=5, batch_size=4))
     want = run_packed(plain, tokenizer, examples)
     compare_on_gpu(patched, tokenizer, examples, want, "liger")
+
+
+def test_length_buckets_cover_every_sample_once_within_the_slack():
+    lengths = [130, 7, 128, 400, 129, 1, 60, 125, 131, 399]
+    buckets = attention.length_buckets(lengths, slack=1.25)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest = max(lengths[i] for i in bucket)
+        assert lengths[bucket[0]] == longest
+        assert len(bucket) * longest ** 2 <= 1.25 * sum(lengths[i] ** 2 for i in bucket)
+    assert {3, 9} in [set(b) for b in buckets]                          # similar lengths share a call
+    assert len(buckets) < len(lengths)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bucketed_varlen_attention_equals_one_call_per_sample(causal):
+    gen = torch.Generator().manual_seed(3)
+    lengths = [37, 35, 36, 5, 1, 64, 60, 2]           # odd lengths; buckets of several samples and of one
+    cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    total, heads, kv_heads, dim = sum(lengths), 4, 2, 16
+    q = torch.randn(total, heads, dim, generator=gen, requires_grad=True)
+    k = torch.randn(total, kv_heads, dim, generator=gen, requires_grad=True)
+    v = torch.randn(total, kv_heads, dim, generator=gen, requires_grad=True)
+    window = (-1, 0) if causal else (-1, -1)
+    args = (cu, cu, max(lengths), max(lengths))
+    got = attention.bucketed_varlen_attn(q, k, v, *args, window_size=window, enable_gqa=True)
+    want = reference_varlen_attn(q, k, v, *args, window_size=window, enable_gqa=True)
+    assert len(attention.length_buckets(lengths)) < len(lengths)    # really batched
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=FP32_RTOL)
+    upstream = torch.randn(got.shape, generator=gen)
+    grads = torch.autograd.grad(got, (q, k, v), upstream)
+    expected = torch.autograd.grad(want, (q, k, v), upstream)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=FP32_ATOL, rtol=FP32_RTOL)
