@@ -453,8 +453,7 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, bias=None, dropout_p
     seed = _check_seed(dropout_p, seed)
     x2d = x.reshape(-1, x.shape[-1])
     dropped = _reference_dropout(x2d, dropout_p, seed, keep_mask, rng)
-    gain = dropout_gain(dropout_p, rng) if dropout_p else 1.0
-    y = lora_rows(x2d, dropped, weight, lora_A, lora_B, scale * gain, bias)
+    y = lora_rows(x2d, dropped, weight, lora_A, lora_B, scale * dropout_gain(dropout_p, rng), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -80,8 +80,7 @@ def _dropped_once(x, dropout_p, seed, rng):
     """x as rows, and its dropout with the group's one mask: drawn and applied once, not per
     projection; with the mask's gain 1 / (1 - p), which lora_rows folds into the scale."""
     x2d = x.reshape(-1, x.shape[-1])
-    gain = dropout_gain(dropout_p, rng) if dropout_p else 1.0
-    return x2d, _reference_dropout(x2d, dropout_p, seed, None, rng), gain
+    return x2d, _reference_dropout(x2d, dropout_p, seed, None, rng), dropout_gain(dropout_p, rng)
 
 
 def _lora_of_dropped(x2d, dropped, weight, lora_A, lora_B, scale, bias, lead_shape):

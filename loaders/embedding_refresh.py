@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from loaders.ads import ADSError
-from loaders.embeddings import EmbeddingCache, decode_rows, encode_rows
+from loaders.embeddings import EmbeddingCache, decode_rows, encode_rows, sample_identity
 
 
 class RefreshedEmbeddings:
@@ -42,9 +42,10 @@ class RefreshedEmbeddings:
         previous call, in the order of the step's micro-batches and their ``keys``."""
         self.feed = feed
 
-    def expect(self, identities: list[str]) -> None:
-        """The samples of the step just handed out: their vectors come from the next ``drain``."""
-        self.pending_ids = list(identities) if self.feed is not None else []
+    def expect(self, examples) -> None:
+        """The samples of the step just handed out, in micro-batch order: their vectors come from
+        the next ``drain`` (nothing is kept without a feed)."""
+        self.pending_ids = [sample_identity(e.shard, e.key) for e in examples] if self.feed is not None else []
         self.steps_since_publish += 1
 
     def drain(self) -> None:

@@ -49,7 +49,6 @@ import torch
 from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
 from loaders.curriculum import SAMPLERS, ScheduleConfig
 from loaders.embedding_refresh import RefreshedEmbeddings
-from loaders.embeddings import sample_identity
 from loaders.packing import collate_packed, select_packed_row
 from loaders.shards import LABELLED_TASKS, check_enough_shards, count_examples_by_shard, shard_order, sum_counts
 from loaders.sources import resolve_sources
@@ -91,8 +90,7 @@ class ExampleProducer:
             if entry["resume"] is not None:
                 self.load_state_dict(entry["resume"])
             skip, switches = set(entry["skip"]), [list(s) for s in entry["switches"]]
-        if live_switches is not None:
-            switches = live_switches
+        switches = switches if live_switches is None else live_switches
         applied = 0
         while True:
             while applied < len(switches) and self.ordinal > switches[applied][0]:
@@ -279,17 +277,17 @@ class TrainStream:
             self.refresh.publish()
             self._record_switch(is_stage=False)
         self._apply_switches()
-        micro_batches, identities = [], []
+        micro_batches, stepped = [], []
         for _ in range(self.grad_accum):
             examples = self._next_micro_batch(self.cfg.max_tokens_per_batch)
             for e in examples:
                 self._count_used(e)
-                identities.append(sample_identity(e.shard, e.key))
+            stepped += examples
             self.used += len(examples)
             collate_batch = collate_packed if self.cfg.packing else collate
             micro_batches.append(collate_batch(examples, self.pad_token_id))
         self.steps += 1
-        self.refresh.expect(identities)
+        self.refresh.expect(stepped)
         return micro_batches
 
     def refresh_embeddings_from(self, feed) -> None:
