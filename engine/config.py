@@ -45,6 +45,8 @@ class ModelConfig:
     liger: bool | str = "auto"  # auto (on CUDA) | true | false: Liger's RMSNorm, SwiGLU, M-RoPE on the LLM
     gradient_checkpointing: bool = False
     compile: bool = False
+    # The last LLM layer's o_proj and MLP run on the rows the loss reads only (engine/target_rows.py).
+    last_layer_on_targets: bool = True
     fsdp: bool | str = "auto"  # auto (with >1 process or on CUDA) | true | false: FSDP2 wrapping (engine/parallel.py)
     seed: int = 0  # seed of the random init of the presets
 

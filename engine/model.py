@@ -24,6 +24,7 @@ from engine.attention import (apply_liger, llm_attention_mask, packed_hidden_sta
                               set_attn_backend)
 from engine.config import LoRAConfig, LossConfig, ModelConfig
 from engine.lora import apply_lora, apply_lora_grouping, lora_target_regex, resolve_lora_grouped
+from engine.target_rows import TargetRowsOnly, last_layer_position_wise, target_rows
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, tiny_vocab_rows
 from kernels.linear_cross_entropy import linear_cross_entropy
 from loaders.tasks import TASKS
@@ -198,11 +199,13 @@ class OmniLoRAModel(nn.Module):
     all ranks and micro-batches, so every token weighs the same whatever the batch split.
     """
 
-    def __init__(self, thinker: nn.Module, *, train_audio_encoder: bool, loss_cfg: LossConfig):
+    def __init__(self, thinker: nn.Module, *, train_audio_encoder: bool, loss_cfg: LossConfig,
+                 last_layer_on_targets: bool = True):
         super().__init__()
         self.thinker = thinker
         parts = locate_parts(thinker)
         self.parts = parts
+        self.last_layer_rows = TargetRowsOnly(last_layer_position_wise(parts.llm)) if last_layer_on_targets else None
         self.train_audio_encoder = train_audio_encoder
         self.loss_cfg = loss_cfg
         self.audio_token_id = thinker.config.audio_token_id
@@ -250,7 +253,13 @@ class OmniLoRAModel(nn.Module):
                              f"{audio.shape[0]} audio tokens: the loader's audio-token count disagrees with the model's")
         return embeds.masked_scatter(slots.unsqueeze(-1), audio.to(embeds.dtype))
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
+    def hidden_states(self, batch: dict, loss_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The LLM's last hidden states [B, T, H]. With `loss_rows` (the loss's mask [B, T - 1],
+        labels[:, 1:] != -100) they are right only at those rows: the last layer's o_proj and MLP
+        skip the others (engine/target_rows.py). The rows stay set until the next call, for
+        activation checkpointing's recomputation in backward."""
+        if self.last_layer_rows is not None:
+            self.last_layer_rows.rows = None if loss_rows is None else target_rows(loss_rows)
         if "cu_seqlens" in batch:  # packed row (loaders/packing.py): no 2-D mask, 4-row positions
             with record_function("forward.packed"):
                 return packed_hidden_states(self, batch)
@@ -270,16 +279,17 @@ class OmniLoRAModel(nn.Module):
     def forward(self, batch: dict, mode: str = "train") -> dict | torch.Tensor:
         """mode "train": loss sums; "eval": the same plus first-target-token predictions;
         "next_token_logits": [B, V] fp32 logits at each row's last real position (decoding)."""
-        hidden = self.hidden_states(batch)
         if "cu_seqlens" in batch and mode != "train":
             raise ValueError(f"forward mode {mode!r} reads one sample per row; evaluate and decode on padded "
                              "batches (data.packing applies to training batches only)")
         if mode == "next_token_logits":
+            hidden = self.hidden_states(batch)
             last = batch["attention_mask"].sum(dim=1) - 1
             rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
             return self.lm_head(rows).float()
         labels = batch["labels"][:, 1:]
         valid = labels != IGNORE_INDEX
+        hidden = self.hidden_states(batch, loss_rows=valid)
         rows = hidden[:, :-1][valid]  # only target rows reach the 152k-wide lm_head
         targets = labels[valid]
         if "token_task_ids" in batch:  # packed: one task per token
@@ -358,7 +368,10 @@ def build_model(mcfg: ModelConfig, lcfg: LoRAConfig, loss_cfg: LossConfig, token
     if resolve_liger(mcfg.liger, device):
         apply_liger(parts.llm)  # after LoRA: its SwiGLU calls the LoRA-wrapped projections
     grouping = group_lora(parts.llm, lcfg)  # after Liger: the grouped MLP replaces its SwiGLU
-    model = OmniLoRAModel(thinker, train_audio_encoder=mcfg.train_audio_encoder, loss_cfg=loss_cfg)
+    model = OmniLoRAModel(thinker, train_audio_encoder=mcfg.train_audio_encoder, loss_cfg=loss_cfg,
+                          last_layer_on_targets=mcfg.last_layer_on_targets)
+    if mcfg.last_layer_on_targets:
+        log.info("model: the last LLM layer's o_proj and MLP run on target rows only (model.last_layer_on_targets)")
     model.lora_pattern = pattern
     model.lora_modules = replaced
     model.lora_grouping = grouping

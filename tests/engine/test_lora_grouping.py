@@ -162,15 +162,20 @@ def test_dropout_seeds_follow_the_grouped_kernels_definition(tokenizer, monkeypa
     monkeypatch.setattr(kernels_lora_grouped, "_reference_dropout", spy)
     model = build(tokenizer, grouped=True, dropout=p)
     torch.manual_seed(0)
-    model(make_batch(tokenizer, seed=6))
+    batch = make_batch(tokenizer, seed=6)
+    model(batch)
     hidden = model.llm.config.hidden_size
+    # the last layer's o_proj and MLP run on the loss's rows only (engine/target_rows.py)
+    targets = int((batch["labels"][:, 1:] != -100).sum())
     per_layer = 4   # q/k/v (one dropped input), o, gate/up (one), down
     assert len(calls) == per_layer * TINY_LAYERS
     for layer in range(TINY_LAYERS):
         qkv, o, gate_up, down = calls[per_layer * layer:per_layer * (layer + 1)]
         assert down[0] == _down_seed(gate_up[0])
         assert len({qkv[0], o[0], gate_up[0]}) == 3
-        assert qkv[1] == gate_up[1] and qkv[1][1] == hidden and down[1][1] == model.llm.config.intermediate_size
+        rows = targets if layer == TINY_LAYERS - 1 else batch["input_ids"].numel()
+        assert qkv[1] == (batch["input_ids"].numel(), hidden) and gate_up[1] == o[1] == (rows, hidden)
+        assert down[1] == (rows, model.llm.config.intermediate_size)
     assert len({c[0] for c in calls[::per_layer]}) == TINY_LAYERS, "every layer draws its own seed"
     kept = np.mean([c[2] for c in calls])
     assert abs(kept - (1 - p)) < 0.02, f"grouped dropout kept {kept:.3f} of the inputs, expected {1 - p}"
