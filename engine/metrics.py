@@ -5,7 +5,12 @@ Useful FLOPs of one LoRA training step, written out (N_* are parameter counts):
 
   LLM linear layers   4 * N_llm * T        forward 2N, backward 2N for the input gradient only
                                            (the base weights are frozen: no weight gradient)
+                      - 4 * N_last * (T - T_tgt)
+                                           N_last = the last layer's o_proj and MLP weights:
+                                           position-wise, and only their target rows reach the
+                                           loss (engine/target_rows.py)
   LoRA adapters       6 * N_lora * T       forward, input and weight gradients
+                      - 6 * N_lora_last * (T - T_tgt)   the same for the last layer's adapters
   attention           6 * L * d * sum_i s_i^2
                                            causal QK^T and AV forward = 2 * s^2 * d per layer
                                            (half of the 4 s^2 d of full attention), backward 2x
@@ -14,7 +19,8 @@ Useful FLOPs of one LoRA training step, written out (N_* are parameter counts):
                                            (mel frames after the stride-2 conv)
 
 T = real (non-padding) tokens, s_i = length of sample i, d = heads * head_dim, T_tgt = target
-tokens. Padding is not counted: MFU measures useful work, so padding shows up as lost MFU.
+tokens. Padding is not counted: MFU measures useful work, so padding shows up as lost MFU, and
+so does a last layer run on every row (model.last_layer_on_targets=false).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.target_rows import last_layer_position_wise
 
 # Peak dense bf16 tensor-core TFLOP/s by device name (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = {
@@ -65,9 +73,13 @@ class FlopsModel:
     hidden: int
     vocab: int
     n_encoder: int  # audio encoder parameters
+    n_llm_last: int = 0  # of n_llm: the last layer's o_proj and MLP (useful on target rows only)
+    n_lora_last: int = 0  # of n_lora: their adapters
 
     def step_flops(self, *, tokens: int, sum_sq_lengths: int, target_tokens: int, encoder_positions: int) -> float:
+        other_rows = tokens - target_tokens
         return (4 * self.n_llm * tokens + 6 * self.n_lora * tokens
+                - 4 * self.n_llm_last * other_rows - 6 * self.n_lora_last * other_rows
                 + 6 * self.n_layers * self.attn_dim * sum_sq_lengths
                 + 4 * self.hidden * self.vocab * target_tokens
                 + 2 * self.n_encoder * encoder_positions)
@@ -83,11 +95,20 @@ def flops_model_of(model) -> FlopsModel:
             n_lora += p.numel()
         else:
             n_llm += p.numel()
+    last = {id(p) for module in last_layer_position_wise(model.llm) for p in module.parameters()}
+    n_llm_last = n_lora_last = 0
+    for name, p in model.llm.named_parameters():
+        if id(p) not in last or p.dim() < 2:
+            continue
+        if name.endswith("lora_A") or name.endswith("lora_B"):
+            n_lora_last += p.numel()
+        else:
+            n_llm_last += p.numel()
     n_enc = sum(p.numel() for p in model.audio_tower.parameters())
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     return FlopsModel(n_llm=n_llm, n_lora=n_lora, n_layers=text_cfg.num_hidden_layers,
                       attn_dim=text_cfg.num_attention_heads * head_dim, hidden=text_cfg.hidden_size,
-                      vocab=text_cfg.vocab_size, n_encoder=n_enc)
+                      vocab=text_cfg.vocab_size, n_encoder=n_enc, n_llm_last=n_llm_last, n_lora_last=n_lora_last)
 
 
 def batch_flops_inputs(batch: dict) -> dict:

@@ -28,6 +28,11 @@ assert N_LLM == 4 * 184320 == 737280
 # o 2048, gate/up 8*(128+352) = 3840, down 8*(352+128) = 3840       -> 18688 per layer
 N_LORA = LAYERS * R * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))
 assert N_LORA == 4 * 18688 == 74752
+# The last layer's o_proj and MLP (useful on target rows only: engine/target_rows.py):
+#   o 16384 + gate/up/down 3 * 45056 = 151552; their adapters o 2048 + 3 * 3840 = 13568
+N_LLM_LAST = H * H + 3 * H * I
+N_LORA_LAST = R * (H + H) + 2 * R * (H + I) + R * (I + H)
+assert (N_LLM_LAST, N_LORA_LAST) == (151552, 13568)
 # Audio encoder (d_model 64, 2 layers, ffn 256, 128 mel bins, output 128):
 #   conv1 128->64 k3: 24576 + 64; conv2 64->64 k3: 12288 + 64            = 36992
 #   per layer: q/k/v/o 4*4096 + biases of q, v, o 3*64; two layer norms 2*(64+64);
@@ -49,6 +54,7 @@ def test_parameter_counts_of_the_flops_model_match_the_hand_counts(tiny_flops):
     assert tiny_flops.n_llm == N_LLM
     assert tiny_flops.n_lora == N_LORA
     assert tiny_flops.n_encoder == N_ENCODER
+    assert (tiny_flops.n_llm_last, tiny_flops.n_lora_last) == (N_LLM_LAST, N_LORA_LAST)
     assert (tiny_flops.n_layers, tiny_flops.attn_dim, tiny_flops.hidden, tiny_flops.vocab) == (LAYERS, HEADS * HEAD_DIM, H, VOCAB)
 
 
@@ -69,19 +75,21 @@ def test_step_flops_and_mfu_of_a_known_batch_match_the_hand_computation(tiny_flo
     # T = 10 + 6 = 16 real tokens; sum s^2 = 100 + 36 = 136; targets 3 + 2 = 5;
     # encoder positions after the stride-2 conv: (40-1)//2+1 = 20 and (21-1)//2+1 = 11 -> 31
     assert inputs == {"tokens": 16, "sum_sq_lengths": 136, "target_tokens": 5, "encoder_positions": 31}
-    linear = 4 * 737280 * 16          # 47,185,920   frozen LLM weights: forward + input gradient
-    lora = 6 * 74752 * 16             # 7,176,192    adapters: forward, input and weight gradients
+    # frozen LLM weights, forward + input gradient: the last layer's o_proj and MLP on the 5 target
+    # rows only, the rest on all 16: 4 * 585728 * 16 + 4 * 151552 * 5
+    linear = 37_486_592 + 3_031_040   # 40,517,632
+    lora = 5_873_664 + 407_040        # 6,280,704    adapters: 6 * 61184 * 16 + 6 * 13568 * 5
     attention = 6 * 4 * 128 * 136     # 417,792      causal QK^T and AV, forward and backward
     head = 4 * 128 * 384 * 5          # 983,040      lm_head on the 5 target rows only
     encoder = 2 * 145536 * 31         # 9,023,232    frozen audio encoder, forward only
     by_hand = linear + lora + attention + head + encoder
-    assert by_hand == 64_786_176
+    assert by_hand == 57_222_400
     assert tiny_flops.step_flops(**inputs) == by_hand
-    # MFU as the trainer logs it: FLOPs / seconds / world size / peak. 64,786,176 FLOPs in 0.5 s on
-    # 2 ranks of a 1e-4 TFLOP/s (1e8 FLOP/s) device: 64,786,176 / 0.5 / 2 / 1e8 = 0.64786176
+    # MFU as the trainer logs it: FLOPs / seconds / world size / peak. 57,222,400 FLOPs in 0.5 s on
+    # 2 ranks of a 1e-4 TFLOP/s (1e8 FLOP/s) device: 57,222,400 / 0.5 / 2 / 1e8 = 0.572224
     peak = device_peak_flops(torch.device("cpu"), override_tflops=1e-4)
     assert peak == pytest.approx(1e8)
-    assert by_hand / 0.5 / 2 / peak == pytest.approx(0.64786176)
+    assert by_hand / 0.5 / 2 / peak == pytest.approx(0.572224)
 
 
 def test_no_mfu_without_a_known_peak():
