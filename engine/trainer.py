@@ -12,8 +12,11 @@ One optimizer step:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +72,16 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     stage_index: int = -1
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # since the start of the run, evaluations and checkpoints included
+    train_s: float = 0.0  # training steps alone (data wait, forward, backward, optimizer)
 
 
 @dataclass
 class StepStats:
     loss: float
     per_task: dict
+    targets: int  # target tokens, all ranks
+    per_task_sums: dict  # task -> (loss sum, target tokens), all ranks
     grad_norm: float
     tokens: int
     slots: int  # token positions computed (B x T per micro-batch), all ranks
@@ -110,6 +116,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.final_losses: dict = {}
         self.last_stats: StepStats | None = None
+        self.ended_stage: str | None = None  # the stage the step before a stage switch trained in
+        self.stop_signal: str | None = None  # "SIGTERM" once every rank knows of one: checkpoint, stop
+        self.signal_received = False  # set by the handler on this rank (stop_on_signals)
 
     # --- state ---------------------------------------------------------------------------
     def per_rank_state(self) -> dict:
@@ -154,6 +163,7 @@ class Trainer:
             return
         index, stage = self.schedule.stage_at(self.state.step, self.state.tokens)
         if index != self.state.stage_index:
+            self.ended_stage = self.stage_name() if self.state.stage_index >= 0 else None
             self.state.stage_index = index
             self.stream.set_tasks(list(stage.tasks), stage.weights)
             if hasattr(self.stream, "set_sampler"):
@@ -205,8 +215,9 @@ class Trainer:
             flops += self.flops.step_flops(**batch_flops_inputs(mb))
         stats = all_reduce_sum(stats).cpu()
         loss_value = float(stats[0]) / max(global_targets, 1)
-        per_task = {t: float(stats[1 + i] / stats[1 + len(TASKS) + i])
-                    for i, t in enumerate(TASKS) if stats[1 + len(TASKS) + i] > 0}
+        per_task_sums = {t: (float(stats[1 + i]), float(stats[1 + len(TASKS) + i]))
+                         for i, t in enumerate(TASKS) if stats[1 + len(TASKS) + i] > 0}
+        per_task = {t: total / count for t, (total, count) in per_task_sums.items()}
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
@@ -221,7 +232,7 @@ class Trainer:
         else:
             self.state.skipped_steps += 1
             self.state.bad_in_a_row += 1
-            self.log(f"step {self.state.step}: non-finite loss/grad norm (loss {loss_value}, grad norm {grad_norm}); "
+            self.log(f"step {self.state.step + 1}: non-finite loss/grad norm (loss {loss_value}, grad norm {grad_norm}); "
                      f"update skipped ({self.state.skipped_steps} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
         if self.state.bad_in_a_row >= self.cfg.optim.max_bad_steps:
@@ -230,7 +241,8 @@ class Trainer:
                 f"{self.state.step}). Lower optim.lr, check the data for corrupt samples, or raise optim.max_bad_steps.")
         flops_total = torch.tensor([flops], dtype=torch.float64)
         flops_total = float(all_reduce_sum(flops_total.to(env.device)).cpu())
-        return StepStats(loss=loss_value, per_task=per_task, grad_norm=grad_norm, tokens=global_tokens,
+        return StepStats(loss=loss_value, per_task=per_task, targets=global_targets, per_task_sums=per_task_sums,
+                         grad_norm=grad_norm, tokens=global_tokens,
                          slots=global_slots, flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
 
     # --- the loop ------------------------------------------------------------------------
@@ -241,7 +253,19 @@ class Trainer:
             return (step - warmup) / max(1, self.cfg.max_steps - warmup)
         return self.state.tokens / self.cfg.max_tokens
 
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM: decided by all ranks together (one small all-reduce per
+        step with several processes), before the next step's data is fetched."""
+        flag = torch.tensor([float(self.signal_received)], dtype=torch.float64)
+        if self.env.world_size > 1:
+            flag = all_reduce_sum(flag.to(self.env.device)).cpu()
+        if flag.item() > 0:
+            self.stop_signal = "SIGTERM"
+        return self.stop_signal is not None
+
     def done(self) -> bool:
+        if self.stop_signal is not None:
+            return True
         if self.cfg.max_steps > 0 and self.state.step >= self.cfg.max_steps:
             return True
         if 0 < self.cfg.debug.stop_after_steps <= self.state.step:
@@ -257,49 +281,56 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         wall_before = self.state.wall_s
-        window = {"tokens": 0, "slots": 0, "flops": 0.0, "data_s": 0.0, "step_s": 0.0}
+        window = LogWindow()
         profiler = self.hooks.get("profiler")
-        while not self.done():
-            self.update_stage()
-            stats = self.train_step()
-            self.last_stats = stats
-            self.state.step += 1
-            self.state.tokens += stats.tokens
-            self.state.slots += stats.slots
-            self.state.wall_s = wall_before + time.perf_counter() - start
-            for k in window:
-                window[k] += getattr(stats, k)
-            if stats.per_task:
-                self.final_losses.update(stats.per_task)
-            if profiler is not None:
-                profiler.step()
-            bar.update(1)
-            if self.state.step % cfg.metrics.log_every == 0 or self.done():
-                self._log_row(stats, window)
-                window = {k: 0 if k in ("tokens", "slots") else 0.0 for k in window}
-            if "after_step" in self.hooks:
-                self.hooks["after_step"](self)
-            if cfg.checkpoint.every > 0 and self.state.step % cfg.checkpoint.every == 0 and not self.done():
-                self.save()
-        bar.close()
-        self.save()
+        with stop_on_signals(self):
+            while not self.done():
+                if self.stop_requested():
+                    break
+                self.update_stage()
+                stats = self.train_step()
+                self.last_stats = stats
+                self.state.step += 1
+                self.state.tokens += stats.tokens
+                self.state.slots += stats.slots
+                self.state.train_s += stats.step_s
+                self.state.wall_s = wall_before + time.perf_counter() - start
+                window.add(stats)
+                if profiler is not None:
+                    profiler.step()
+                bar.update(1)
+                if self.state.step % cfg.metrics.log_every == 0 or self.done():
+                    self._log_row(stats, window)
+                    window = LogWindow()
+                if "after_step" in self.hooks:
+                    self.hooks["after_step"](self)
+                if cfg.checkpoint.every > 0 and self.state.step % cfg.checkpoint.every == 0 and not self.done():
+                    self.save()
+            bar.close()
+            if self.stop_signal is not None:
+                self.log(f"{self.stop_signal} received: checkpoint at step {self.state.step}, then stop; "
+                         "the same command resumes from it")
+            self.save()
         return self.summary()
 
-    def _log_row(self, stats: StepStats, window: dict) -> None:
-        secs = max(window["step_s"], 1e-9)
-        tok_s = window["tokens"] / secs / self.env.world_size  # per device
-        mfu = (window["flops"] / secs / self.env.world_size / self.peak_flops) if self.peak_flops else None
+    def _log_row(self, stats: StepStats, window: "LogWindow") -> None:
+        secs = max(window.step_s, 1e-9)
+        tok_s = window.tokens / secs / self.env.world_size  # per device
+        mfu = (window.flops / secs / self.env.world_size / self.peak_flops) if self.peak_flops else None
+        loss, per_task = window.losses()
+        self.final_losses.update(per_task)
         if self.cfg.max_steps > 0:
             steps_left = self.cfg.max_steps - self.state.step
         else:  # a token budget: steps left at this step's token rate
             steps_left = (self.cfg.max_tokens - self.state.tokens) / max(1, stats.tokens)
         row = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.stage_name(),
-               "loss": stats.loss, "loss_per_task": stats.per_task, "lr": self.scheduler.get_last_lr()[0],
+               "loss": loss, "loss_per_task": per_task, "step_loss": stats.loss,
+               "lr": self.scheduler.get_last_lr()[0], "steps_in_row": window.steps,
                "grad_norm": stats.grad_norm, "tokens_per_sec": tok_s, "mfu": mfu,
-               "mem_gib": peak_memory_gib(self.env.device), "data_wait_pct": 100.0 * window["data_s"] / secs,
+               "mem_gib": peak_memory_gib(self.env.device), "data_wait_pct": 100.0 * window.data_s / secs,
                "elapsed_s": self.state.wall_s, "skipped_steps": self.state.skipped_steps, "skipped": stats.skipped,
                "eta_s": steps_left * stats.step_s,
-               "packing_efficiency": window["tokens"] / max(window["slots"], 1)}
+               "packing_efficiency": window.tokens / max(window.slots, 1)}
         counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
         if counts:
             row["data"] = counts
@@ -326,9 +357,14 @@ class Trainer:
         return out
 
     def summary(self) -> dict:
-        wall = max(self.state.wall_s, 1e-9)
+        # Throughput over the training steps alone: evaluations, checkpoints and stage switches
+        # are in wall_s, not in tokens/s (else a schedule with more stage boundaries, hence more
+        # boundary evaluations, would look slower at training).
+        train_s = max(self.state.train_s, 1e-9)
         return {"recipe": self.cfg.recipe, "steps": self.state.step, "tokens": self.state.tokens,
-                "tokens_per_sec": self.state.tokens / wall, "tokens_per_sec_per_device": self.state.tokens / wall / self.env.world_size,
+                "tokens_per_sec": self.state.tokens / train_s,
+                "tokens_per_sec_per_device": self.state.tokens / train_s / self.env.world_size,
+                "train_s": self.state.train_s, "stopped_by": self.stop_signal,
                 "final_loss_per_task": self.final_losses,
                 "packing_efficiency": self.state.tokens / max(self.state.slots, 1), "skipped_steps": self.state.skipped_steps,
                 "wall_s": self.state.wall_s, "world_size": self.env.world_size, "device": device_name(self.env.device),
@@ -337,6 +373,62 @@ class Trainer:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+class LogWindow:
+    """Sums over the steps since the previous metrics row: the row's loss and per-task losses are
+    means over them (weighted by target tokens; non-finite, skipped steps left out), its tok/s,
+    MFU and data wait are over their time."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.slots = 0, 0, 0
+        self.flops = self.data_s = self.step_s = 0.0
+        self.loss_sum, self.targets = 0.0, 0
+        self.per_task: dict[str, list[float]] = {}  # task -> [loss sum, target tokens]
+
+    def add(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.tokens += stats.tokens
+        self.slots += stats.slots
+        self.flops += stats.flops
+        self.data_s += stats.data_s
+        self.step_s += stats.step_s
+        if stats.skipped:
+            return
+        self.loss_sum += stats.loss * stats.targets
+        self.targets += stats.targets
+        for task, (total, count) in stats.per_task_sums.items():
+            sums = self.per_task.setdefault(task, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += count
+
+    def losses(self) -> tuple[float, dict]:
+        loss = self.loss_sum / self.targets if self.targets else float("nan")
+        return loss, {task: total / count for task, (total, count) in self.per_task.items() if count}
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGTERM (a scheduler's preemption, torchrun passing on its own SIGTERM) asks the trainer
+    to checkpoint at the end of the current step and stop; a second SIGTERM stops at once.
+    torchrun waits ~30 s for its workers after a SIGTERM before killing them: a LoRA checkpoint
+    (adapters and their optimizer state) takes far less. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        if trainer.signal_received:
+            raise SystemExit(128 + signum)
+        trainer.signal_received = True
+        print(f"[omnitrain] rank {trainer.env.rank}: SIGTERM received, stopping after this step with a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def device_name(device: torch.device) -> str:

@@ -408,8 +408,9 @@ class TrainingValidation:
             self.validate(trainer)
 
     def on_stage_change(self, trainer) -> None:
-        # The model at a boundary is the product of the stage that just ended: label it so.
-        self.validate(trainer, stage=self.trained_stage)
+        # The model at a boundary is the product of the stage that just ended: label it so (the
+        # trainer's record of it also holds right after a resume, before any step was trained).
+        self.validate(trainer, stage=getattr(trainer, "ended_stage", None) or self.trained_stage)
 
 
 def _chain(first, second):

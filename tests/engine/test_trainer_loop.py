@@ -1,0 +1,80 @@
+"""The training loop's edges: SIGTERM checkpoints and stops (and the run resumes from there),
+metrics rows average the loss over their window, tokens/s counts training time only."""
+import json
+import math
+import os
+import signal
+import time
+
+import pytest
+
+from engine import checkpoint as ckpt
+from engine.parallel import init_distributed
+from test_checkpoint import make_trainer
+
+
+@pytest.fixture(scope="module")
+def env():
+    return init_distributed()
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_checkpoints_after_the_step_and_the_run_resumes_there(env, tmp_path):
+    out = tmp_path / "run"
+    trainer, _ = make_trainer(env, out, ["max_steps=8", "checkpoint.every=0", "metrics.log_every=1"])
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def preempt(t):
+        if t.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)   # as a scheduler's preemption would
+    trainer.hooks["after_step"] = preempt
+    summary = trainer.train()
+    trainer.close()
+    assert signal.getsignal(signal.SIGTERM) is previous, "the handler must be restored after training"
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 3
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+
+    resumed, _ = make_trainer(env, out, ["max_steps=8", "checkpoint.every=0", "metrics.log_every=1"])
+    assert resumed.resume() and resumed.state.step == 3
+    summary = resumed.train()
+    resumed.close()
+    assert summary["stopped_by"] is None and summary["steps"] == 8
+
+
+def test_rows_average_the_loss_over_their_window(env, tmp_path):
+    """log_every=3: each row's loss is the target-weighted mean of its 3 steps, not the last one."""
+    out = tmp_path / "run"
+    trainer, _ = make_trainer(env, out, ["max_steps=6", "checkpoint.every=0", "metrics.log_every=3"])
+    steps = []
+    trainer.hooks["after_step"] = lambda t: steps.append((t.last_stats.loss, t.last_stats.targets,
+                                                           dict(t.last_stats.per_task_sums)))
+    trainer.train()
+    trainer.close()
+    rows = [r for r in rows_of(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6] and all(r["steps_in_row"] == 3 for r in rows)
+    for row, window in zip(rows, (steps[:3], steps[3:])):
+        mean = sum(loss * n for loss, n, _ in window) / sum(n for _, n, _ in window)
+        assert row["loss"] == pytest.approx(mean, rel=1e-9)
+        assert row["step_loss"] == pytest.approx(window[-1][0], rel=1e-9)
+        assert row["loss"] != pytest.approx(row["step_loss"], rel=1e-6), "different batches, different losses"
+        tasks = {t for _, _, sums in window for t in sums}
+        assert set(row["loss_per_task"]) == tasks
+        for task in tasks:
+            total = sum(sums[task][0] for _, _, sums in window if task in sums)
+            count = sum(sums[task][1] for _, _, sums in window if task in sums)
+            assert row["loss_per_task"][task] == pytest.approx(total / count, rel=1e-9)
+    assert trainer.final_losses == rows[-1]["loss_per_task"]
+
+
+def test_tokens_per_second_leaves_out_time_spent_outside_steps(env, tmp_path):
+    out = tmp_path / "run"
+    trainer, _ = make_trainer(env, out, ["max_steps=3", "checkpoint.every=0"])
+    trainer.hooks["after_step"] = lambda t: time.sleep(0.5)   # e.g. an evaluation between steps
+    summary = trainer.train()
+    trainer.close()
+    assert summary["wall_s"] - summary["train_s"] > 0.9   # the sleeps after steps 1 and 2 (wall_s is read before the hooks)
+    assert summary["tokens_per_sec"] == pytest.approx(summary["tokens"] / summary["train_s"])
+    assert math.isfinite(summary["tokens_per_sec"])
