@@ -95,11 +95,11 @@ def print_table(rows: list[dict], compile_s: float, device: str) -> None:
     print(f"numba first-call compile: {compile_s:.2f} s (excluded above)")
 
 
-def append_csv(rows: list[dict], meta: dict) -> None:
-    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
+def append_csv(rows: list[dict], meta: dict, path: Path = RESULTS_CSV) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(meta) + list(rows[0])
-    new = not RESULTS_CSV.exists()
-    with RESULTS_CSV.open("a", newline="") as f:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
@@ -108,11 +108,12 @@ def append_csv(rows: list[dict], meta: dict) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pools", type=int, nargs="+", default=POOLS, help="candidate pool sizes")
     parser.add_argument("--dim", type=int, default=DEFAULT_EMBEDDING_DIM, help="embedding dimension")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append the rows to")
     args = parser.parse_args(argv)
 
     rows, compile_s = run(args.pools, args.dim, args.seed)
@@ -121,8 +122,8 @@ def main(argv=None) -> list[dict]:
     meta = {"time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": git_revision(),
             "device": device, "token_budget": TOKEN_BUDGET, "numba": numba.__version__, "numpy": np.__version__,
             "compile_s": round(compile_s, 3)}
-    append_csv(rows, meta)
-    print(f"appended {len(rows)} rows to {RESULTS_CSV}")
+    append_csv(rows, meta, args.csv)
+    print(f"appended {len(rows)} rows to {args.csv}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

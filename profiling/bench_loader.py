@@ -114,38 +114,41 @@ def print_table(rows: list[dict], train_tokens_per_s: float | None) -> None:
               f"configuration delivers {min(r['tokens_per_s'] for r in rows) / train_tokens_per_s:,.0f}x that")
 
 
-def write_results(rows: list[dict], settings: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(rows: list[dict], settings: dict, json_path: Path = RESULTS_JSON, csv_path: Path = RESULTS_CSV) -> None:
     meta = {"time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": git_revision(), "device": device_name(), "torch": torch.__version__, **settings}
-    RESULTS_JSON.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    for path in (json_path, csv_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
     fields = list(meta) + ["workers", "features", "samples_per_s", "audio_s_per_s", "tokens_per_s", "x_vs_extractor",
                            "steps", "samples", "elapsed_s"]
-    new_file = not RESULTS_CSV.exists()
+    new_file = not csv_path.exists()
     if not new_file:  # keep the columns of the existing file, so older rows stay aligned
-        with RESULTS_CSV.open(newline="") as handle:
+        with csv_path.open(newline="") as handle:
             fields = next(csv.reader(handle), fields)
-    with RESULTS_CSV.open("a", newline="") as handle:
+    with csv_path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         for row in rows:
             writer.writerow({**meta, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}})
-    print(f"wrote {RESULTS_JSON} and appended {len(rows)} rows to {RESULTS_CSV}")
+    print(f"wrote {json_path} and appended {len(rows)} rows to {csv_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per configuration")
     parser.add_argument("--max-tokens", type=int, default=2048, help="data.max_tokens_per_batch")
     parser.add_argument("--demo-dir", default="data/demo", help="where the demo shards are (generated if absent)")
     parser.add_argument("--train-steps", type=int, default=4, help="tiny training steps to time (0 = skip)")
+    parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="write the results here as JSON")
+    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="CSV to append the rows to")
     args = parser.parse_args(argv)
     rows = run(args.seconds, args.max_tokens, args.demo_dir)
     train_tokens_per_s = training_tokens_per_s(args.train_steps, os.path.abspath(args.demo_dir))
     print_table(rows, train_tokens_per_s)
     write_results(rows, {"seconds": args.seconds, "max_tokens_per_batch": args.max_tokens, "shards": "demo",
-                         "grad_accum": 1, "train_tokens_per_s": train_tokens_per_s})
+                         "grad_accum": 1, "train_tokens_per_s": train_tokens_per_s}, args.json, args.csv)
     return 0
 
 

@@ -211,7 +211,7 @@ def append_csv(path: Path, rows, meta):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (M); default by device")
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05])
     parser.add_argument("--layers", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj", "qkv", "mlp"])
