@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,7 +278,10 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.model.train()
-        bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, desc="train", disable=not (env.is_main and cfg.metrics.progress_bar),
+        # No bar when stderr is a file (torchrun's log redirection, a batch job): its carriage
+        # returns would run into the log lines there.
+        show_bar = env.is_main and cfg.metrics.progress_bar and sys.stderr.isatty()
+        bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, desc="train", disable=not show_bar,
                    dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         wall_before = self.state.wall_s
