@@ -23,7 +23,8 @@ endif
 .PHONY: install demo test compare clean-runs
 
 # `make compare`: the four schedules on the demo data for the same token budget, one process
-# each, then the comparison report (runs/compare/report/report.md and plots).
+# each, then the comparison report (runs/compare/report/report.md and plots). Each schedule's
+# folder is started afresh (checkpoint.resume=never refuses a folder that holds another run).
 COMPARE_TOKENS ?= 250000
 COMPARE_DIR ?= runs/compare
 COMPARE_ARGS ?= eval.max_samples=16
@@ -45,7 +46,7 @@ test: install
 
 compare: install
 	for recipe in random tpc ads hybrid; do \
-		$(PY) engine/train.py --recipe $$recipe max_steps=0 max_tokens=$(COMPARE_TOKENS) \
+		rm -rf $(COMPARE_DIR)/$$recipe && $(PY) engine/train.py --recipe $$recipe max_steps=0 max_tokens=$(COMPARE_TOKENS) \
 			output_dir=$(COMPARE_DIR)/$$recipe checkpoint.every=0 checkpoint.resume=never \
 			metrics.progress_bar=false $(COMPARE_ARGS) || exit 1; \
 	done

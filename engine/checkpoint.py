@@ -33,6 +33,10 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint this run cannot use or a run folder it must not write into; the message says what to do."""
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -66,7 +70,11 @@ def commit_checkpoint(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, per_rank: dict, *, rank: int, world_size: int, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, model, optimizer, per_rank: dict, *, rank: int, world_size: int, keep: int,
+                    config: dict | None = None) -> Path:
+    """`config`: the run's resolved settings, stored in meta.json so that a resume can check that it
+    continues the same run; by default the run folder's config.yaml (<root>/../config.yaml), which
+    the run writing this checkpoint wrote at its start."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -81,14 +89,34 @@ def save_checkpoint(root: Path, step: int, model, optimizer, per_rank: dict, *, 
     torch.save({**per_rank, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
-        (tmp / META).write_text(json.dumps({"step": step, "world_size": world_size}))
+        meta = {"step": step, "world_size": world_size, "tokens": per_rank.get("train", {}).get("tokens"),
+                "config": config if config is not None else run_config_of(root)}
+        (tmp / META).write_text(json.dumps(meta, ensure_ascii=False))
         if final.exists():
             shutil.rmtree(final)
         commit_checkpoint(tmp, final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        # Keep the one just written and the keep-1 latest others. By step, the one just written
+        # is normally the latest; it is never rotated away even when it is not (plan_resume
+        # refuses to write a lower step into a folder with later checkpoints: a second guard).
+        others = [p for p in list_checkpoints(root) if p != final]
+        for old in (others[:len(others) - (keep - 1)] if keep > 0 else []):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def run_config_of(root: Path) -> dict | None:
+    """The resolved config.yaml of the run folder holding checkpoints/ `root`, as JSON-ready data."""
+    path = Path(root).parent / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    return json.loads(json.dumps(yaml.safe_load(path.read_text(encoding="utf-8"))))
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / META).read_text())
 
 
 def find_resume_point(root: Path, resume: str) -> Path | None:
@@ -100,19 +128,23 @@ def find_resume_point(root: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / META).exists():
-        raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there (no {META}); "
+        raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint there (no {META}); "
                                 f"use checkpoint.resume=auto or a step_XXXXXXXX folder")
     return path
 
 
 def load_checkpoint(path: Path, model, optimizer, *, rank: int, world_size: int) -> dict:
-    meta = json.loads((Path(path) / META).read_text())
-    if meta["world_size"] != world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has {world_size}: "
-                           "the loader position is per rank, so resume with the same number of processes")
+    check_world_size(path, read_meta(path), world_size)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP's own error is a per-rank traceback dump: name the likely cause instead
+        first = next((line.strip() for line in str(e).splitlines() if "size" in line.lower() or "mismatch" in line.lower()),
+                     str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:300]}): it was written with other "
+                              "LoRA or model settings (lora.rank, lora.targets, model.*). Resume with the settings of "
+                              "its run (its config.yaml), or start a new run in a new output_dir") from e
     # Frozen weights are not in the checkpoint: load non-strictly, then check that exactly
     # the frozen ones were absent.
     result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -120,11 +152,17 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int, world_size: int)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = [k for k in getattr(result, "missing_keys", []) if clean_module_name(k) in {clean_module_name(t) for t in trainable}]
     if missing or getattr(result, "unexpected_keys", []):
-        raise RuntimeError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
+        raise CheckpointError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
                            f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]} (different LoRA targets or rank?)")
     per_rank = torch.load(Path(path) / f"rank{rank}.pt", weights_only=False)
     set_rng_state(per_rank.pop("rng"))
     return per_rank
+
+
+def check_world_size(path: Path, meta: dict, world_size: int) -> None:
+    if meta["world_size"] != world_size:
+        raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has {world_size}: "
+                              "the loader position is per rank, so resume with the same number of processes")
 
 
 def clean_module_name(name: str) -> str:
@@ -156,3 +194,117 @@ def export_adapter(out_dir: Path, model, *, rank: int, lora_cfg, base_model: str
         modules_to_save = [path.rsplit(".", 1)[-1]]
     return save_peft_adapter(out_dir, tensors, rank=lora_cfg.rank, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout,
                              target_regex=model.lora_pattern, base_model=base_model, modules_to_save=modules_to_save)
+
+
+# --- resume: which checkpoint, and whether this run may continue it -----------------------------
+
+# Settings a resumed run may change: how the run is observed, saved and evaluated, and which
+# kernels compute the same math. Every other setting is fixed by the checkpoint, because it
+# decides the trained weights' shapes and meaning (lora.rank/alpha/dropout/targets, model.preset/
+# path/dtype/seed/train_audio_encoder), lives in the saved optimizer and LR-scheduler state and
+# would be silently ignored (optim.lr, betas, weight_decay), or decides which samples come in
+# which batches (data.* but the three below, seed, schedule.*, optim.grad_accum), which a resumed
+# run promises to keep. max_steps/max_tokens may change (a run is extended) with a warning: the
+# cosine LR and stages given as fractions of the run move with them. A key ending in "." is a section.
+CHANGEABLE_ON_RESUME = (
+    "output_dir", "max_steps", "max_tokens",
+    "checkpoint.", "metrics.", "profiler.", "eval.", "debug.",
+    "data.val", "data.on_error", "data.strict",
+    "model.attn_backend", "model.liger", "model.gradient_checkpointing", "model.compile", "model.fsdp",
+    "model.last_layer_on_targets",
+    "lora.impl", "lora.grouped", "loss.impl",
+    "optim.grad_clip", "optim.max_bad_steps", "optim.warmup_steps", "optim.min_lr_ratio",
+)
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
+def flatten_settings(tree: dict, prefix: str = "") -> dict:
+    """{"lora": {"rank": 8}} -> {"lora.rank": 8}; lists stay whole values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def may_change_on_resume(key: str, new: dict) -> bool:
+    if key == "data.demo_dir" and new.get("data.train"):  # the demo set is read only when data.train is ""
+        return True
+    return any(key.startswith(c) if c.endswith(".") else key == c for c in CHANGEABLE_ON_RESUME)
+
+
+def fixed_settings_that_differ(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, checkpoint's value, this run's value) for each fixed setting that changed. Keys one side
+    lacks (settings added or removed between versions of the engine) cannot be compared."""
+    flat_old, flat_new = flatten_settings(old), flatten_settings(new)
+    return [(key, flat_old[key], value) for key, value in flat_new.items()
+            if key in flat_old and flat_old[key] != value and not may_change_on_resume(key, flat_new)]
+
+
+def plan_resume(out_dir: Path, cfg, world_size: int) -> tuple[Path | None, list[str]]:
+    """Before anything is written into output_dir: the checkpoint this run continues (None: a
+    fresh start) and warnings for the log. Raises CheckpointError where going on would mix two
+    runs in one folder or continue a run with settings that break it."""
+    from engine.config import config_to_dict
+
+    out_dir = Path(out_dir)
+    root = out_dir / "checkpoints"
+    existing = list_checkpoints(root)
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        metrics = out_dir / "metrics.jsonl"
+        found = [p.name for p in existing] + (["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size else [])
+        if found:
+            raise CheckpointError(
+                f"output_dir={out_dir} already holds a run ({', '.join(found)}) and checkpoint.resume=never starts a "
+                "new one: its files would mix with the old run's. Use a new output_dir, remove the old folder, or "
+                "continue the old run with checkpoint.resume=auto")
+        return None, []
+    point = find_resume_point(root, resume)
+    if point is None:
+        return None, []
+    meta = read_meta(point)
+    later = [p.name for p in existing if step_of(p) > meta["step"]]
+    if later:
+        raise CheckpointError(
+            f"checkpoint.resume={resume} continues from step {meta['step']}, but {root} already holds later "
+            f"checkpoints ({', '.join(later)}): the new run's checkpoints and metrics would mix with them. Resume from "
+            "the latest (checkpoint.resume=auto), or copy the checkpoint into a new output_dir and resume there")
+    old = meta.get("config")
+    if old is None:
+        check_world_size(point, meta, world_size)
+        return point, [f"checkpoint {point} stores no settings (written by an older version): this run's settings "
+                       "cannot be checked against its run; resume only with the same LoRA, model, data, schedule, "
+                       "optimizer and seed settings"]
+    new = json.loads(json.dumps(config_to_dict(cfg)))
+    changed = fixed_settings_that_differ(old, new)
+    if changed:
+        listed = "; ".join(f"{key}: {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
+                           for key, a, b in changed)
+        raise CheckpointError(
+            f"checkpoint {point} belongs to a run with other settings, which cannot change on resume: {listed}. "
+            "Resume with the checkpoint's values, or start a new run in a new output_dir (the settings that may change "
+            "on resume: max_steps, max_tokens, checkpoint.*, metrics.*, eval.*, profiler.*, kernel choices)")
+    check_world_size(point, meta, world_size)
+    return point, budget_change_warnings(point, meta, old, cfg)
+
+
+def budget_change_warnings(point: Path, meta: dict, old: dict, cfg) -> list[str]:
+    """A changed max_steps/max_tokens moves the cosine LR and every stage given as a fraction of the
+    run: name the stage the run was in at the checkpoint and the one it resumes into."""
+    old_steps, old_tokens = old.get("max_steps", cfg.max_steps), old.get("max_tokens", cfg.max_tokens)
+    if (old_steps, old_tokens) == (cfg.max_steps, cfg.max_tokens):
+        return []
+    step, tokens = meta["step"], meta.get("tokens") or 0
+    before = cfg.schedule.build(old_steps or None, old_tokens or None).stage_at(step, tokens)[1]
+    after = cfg.schedule.build(cfg.max_steps or None, cfg.max_tokens or None).stage_at(step, tokens)[1]
+    stage = (f"it stays in stage '{after.name}'" if before.name == after.name else
+             f"it was in stage '{before.name}' ({', '.join(before.tasks)}) and resumes in stage '{after.name}' "
+             f"({', '.join(after.tasks)})")
+    return [f"resuming {point} (step {step}) with max_steps {old_steps} -> {cfg.max_steps}, max_tokens {old_tokens} -> "
+            f"{cfg.max_tokens}: the cosine LR schedule and stages given as fractions of the run move; {stage}"]

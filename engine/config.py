@@ -119,6 +119,10 @@ class DebugConfig:
 
     nonfinite_loss_at: list[int] = field(default_factory=list)  # steps whose loss is made NaN
     stop_after_steps: int = 0  # end the run after this step, checkpoint first, as a preempted job would
+    # Raise an error on this rank after step fail_at_step (-1 = never), as a disk or data error
+    # would: how a multi-process job ends when one rank fails while the others wait in a collective.
+    fail_on_rank: int = -1
+    fail_at_step: int = 1
 
 
 @dataclass
@@ -168,8 +172,7 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ())
     if recipe:
         path = recipe_path(recipe)
         name = path.stem
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        raw = read_recipe_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path} must be a YAML mapping of settings, got {type(raw).__name__}")
         raw.setdefault("recipe", name)
@@ -180,10 +183,23 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ())
     if cfg.max_steps <= 0 and cfg.max_tokens <= 0:
         raise ConfigError("the run has no end: set max_steps (e.g. max_steps=1000) or max_tokens (e.g. max_tokens=5e6), "
                           "or both (the first reached ends the run)")
+    validate_config(cfg)
     if not cfg.output_dir:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = str(Path("runs") / f"{cfg.recipe}-{stamp}")
     return cfg
+
+
+def read_recipe_yaml(path: Path) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {what}; fix the file "
+                          "(or start from one of recipes/*.yaml)") from None
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -313,6 +329,98 @@ def check_type(key: str, value, hint):
     raise ConfigError(
         f"config key '{key}': value {value!r} ({type(value).__name__}) is not of the expected type {_type_name(hint)}"
     )
+
+
+# --- value checks: ranges and choices, before anything is built ---------------------------
+
+MODEL_PRESETS = ("tiny", "7b")  # engine/model.py's TINY_SHAPES and SEVEN_B_SHAPES
+MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # engine/model.py resolve_dtype
+SWITCH_CHOICES = ("auto", "true", "false")  # model.liger, model.fsdp, lora.grouped
+RESUME_CHOICES = ("auto", "never")  # or the path of a step folder
+
+
+def _choice(key: str, value, allowed) -> None:
+    if str(value).lower() not in allowed:
+        raise ConfigError(f"config key '{key}': {value!r} is not allowed; use one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"config key '{key}': {value!r} is too small; it must be >= {low}")
+
+
+def _in_range(key: str, value, low, high, *, high_open: bool = False) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ConfigError(f"config key '{key}': {value!r} is out of range; it must be in "
+                          f"[{low}, {high}{')' if high_open else ']'}")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Ranges and choices of every setting whose bad value would otherwise surface later as a
+    traceback (a negative tensor size, a division by zero, an unknown kernel name)."""
+    from engine.attention import BACKENDS  # the kernel modules own their choice lists
+    from kernels.linear_cross_entropy import IMPLS as LOSS_IMPLS
+    from kernels.lora import IMPLS as LORA_IMPLS
+
+    _at_least("max_steps", cfg.max_steps, 0)
+    _at_least("max_tokens", cfg.max_tokens, 0)
+    m = cfg.model
+    if not m.path:
+        _choice("model.preset", m.preset, MODEL_PRESETS)
+    _choice("model.dtype", m.dtype, MODEL_DTYPES)
+    _choice("model.attn_backend", m.attn_backend, ("auto",) + tuple(BACKENDS))
+    _choice("model.liger", m.liger, SWITCH_CHOICES)
+    _choice("model.fsdp", m.fsdp, SWITCH_CHOICES)
+    lo = cfg.lora
+    _at_least("lora.rank", lo.rank, 1)
+    if lo.alpha <= 0:
+        raise ConfigError(f"config key 'lora.alpha': {lo.alpha!r} must be > 0 (the LoRA scale is alpha / rank)")
+    _in_range("lora.dropout", lo.dropout, 0.0, 1.0, high_open=True)
+    unknown = [t for t in lo.targets if t not in DEFAULT_LORA_TARGETS]
+    if not lo.targets or unknown or len(set(lo.targets)) != len(lo.targets):
+        what = f"unknown target(s) {unknown}" if unknown else ("an empty list" if not lo.targets else "a repeated target")
+        raise ConfigError(f"config key 'lora.targets': {lo.targets!r} has {what}; use some of "
+                          f"{', '.join(DEFAULT_LORA_TARGETS)} (the LLM's attention and MLP projections)")
+    _choice("lora.impl", lo.impl, LORA_IMPLS)
+    _choice("lora.grouped", lo.grouped, SWITCH_CHOICES)
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': {o.lr!r} must be > 0")
+    _at_least("optim.weight_decay", o.weight_decay, 0.0)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas': {o.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    _at_least("optim.grad_clip", o.grad_clip, 0.0)
+    _at_least("optim.grad_accum", o.grad_accum, 1)
+    _at_least("optim.max_bad_steps", o.max_bad_steps, 1)
+    _choice("loss.impl", cfg.loss.impl, LOSS_IMPLS)
+    _at_least("loss.z_loss", cfg.loss.z_loss, 0.0)
+    _in_range("loss.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0, high_open=True)
+    _at_least("checkpoint.every", cfg.checkpoint.every, 0)
+    _at_least("checkpoint.keep", cfg.checkpoint.keep, 0)
+    if cfg.checkpoint.resume in ("", None):
+        raise ConfigError(f"config key 'checkpoint.resume' is empty; use {', '.join(RESUME_CHOICES)} or a step folder path")
+    _at_least("metrics.log_every", cfg.metrics.log_every, 1)
+    _at_least("metrics.peak_tflops", cfg.metrics.peak_tflops, 0.0)
+    _at_least("profiler.wait", cfg.profiler.wait, 0)
+    _at_least("profiler.warmup", cfg.profiler.warmup, 0)
+    _at_least("profiler.active", cfg.profiler.active, 1)
+    _at_least("eval.every", cfg.eval.every, 0)
+    _at_least("eval.max_samples", cfg.eval.max_samples, 0)
+    _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
+    _check_schedule(cfg)
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """Build the stage list once now, so a bad schedule is a config error, not a traceback later."""
+    from loaders.curriculum import ScheduleError
+
+    try:
+        cfg.schedule.validate()
+        cfg.schedule.build(cfg.max_steps or None, cfg.max_tokens or None)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_to_dict(cfg) -> dict:

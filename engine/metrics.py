@@ -178,6 +178,32 @@ class MetricsWriter:
             except Exception as e:  # tensorboard missing or broken: keep training, say so once
                 print(f"[omnitrain] TensorBoard disabled: {e}", flush=True)
 
+    @staticmethod
+    def keep_rows_up_to(out_dir: Path, step: int) -> int:
+        """Cut an existing metrics.jsonl back to the rows of steps <= `step` (the resumed
+        checkpoint's; -1 for a fresh start), so that a resumed run's rows follow without
+        duplicates. Rows are appended from there. Returns the number of rows removed."""
+        path = Path(out_dir) / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        kept, removed = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError):  # a line cut short by a crash mid-write
+                row_step = None
+            if isinstance(row_step, int) and row_step <= step:
+                kept.append(line + "\n")
+            else:
+                removed += 1
+        if removed:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+        return removed
+
     def write(self, row: dict) -> None:
         row = finite_or_none(row)  # strict JSON: a skipped step's NaN loss is written as null
         self.file.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -76,10 +76,23 @@ def init_distributed() -> DistEnv:
 
 
 def close_distributed() -> None:
-    """A barrier before teardown: on gloo a rank leaving early can abort the others at exit."""
+    """The success path: a barrier before teardown (on gloo a rank leaving early can abort the
+    others at exit). Every rank reaches it only when every rank finished its work."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abort_distributed() -> None:
+    """The error path: tear down at once, without a barrier. The other ranks may be waiting in a
+    collective this rank will never join; a barrier here would wait for them until
+    PROCESS_GROUP_TIMEOUT (30 min) instead of letting this process exit, so that torchrun sees
+    the failure and stops the other ranks within seconds."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # the group may already be broken by the failure itself
+            log.debug("destroy_process_group on the error path: %s", e)
 
 
 FSDP_SETTINGS = ("auto", "true", "false")

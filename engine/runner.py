@@ -13,10 +13,12 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt
 from engine.aligner_refresh import attach_aligner_refresh
-from engine.config import RunConfig, save_config
 from engine.attention import resolve_attn_backend, resolve_liger
+from engine.config import RunConfig, save_config
+from engine.metrics import MetricsWriter
 from engine.model import build_model, count_parameters
-from engine.parallel import DistEnv, apply_parallelism, close_distributed, fsdp_wanted, init_distributed
+from engine.parallel import (DistEnv, abort_distributed, apply_parallelism, close_distributed, fsdp_wanted,
+                             init_distributed)
 from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
 from engine.trainer import Trainer, write_summary
 from engine.validation import attach_validation, final_validation
@@ -84,15 +86,55 @@ def profiler_context(cfg: RunConfig, env: DistEnv, out: Path):
     return profile(activities=activities, schedule=sched, on_trace_ready=on_ready, record_shapes=False)
 
 
+def inject_rank_failure(trainer: Trainer, cfg: RunConfig, env: DistEnv) -> None:
+    """debug.fail_on_rank: an error on one rank after a step while the others go on into the next
+    step's collectives (fault injection for tests; off by default)."""
+    rank, step = cfg.debug.fail_on_rank, cfg.debug.fail_at_step
+    if rank != env.rank:
+        return
+    previous = trainer.hooks.get("after_step")
+
+    def fail_after_step(t: Trainer) -> None:
+        if previous is not None:
+            previous(t)
+        if t.state.step == step:
+            raise RuntimeError(f"injected failure on rank {rank} after step {step} (debug.fail_on_rank={rank})")
+
+    trainer.hooks["after_step"] = fail_after_step
+
+
 def run_training(cfg: RunConfig) -> dict:
     env = init_distributed()
     try:
-        return _run(cfg, env)
-    finally:
-        close_distributed()
+        summary = _run(cfg, env)
+    except BaseException:
+        # No barrier on failure: the other ranks may be stuck in a collective this rank left.
+        abort_distributed()
+        raise
+    close_distributed()
+    return summary
+
+
+def check_resume(cfg: RunConfig, env: DistEnv) -> None:
+    """Decide what this run continues before anything is written into output_dir (config.yaml
+    included): refuse to mix runs or to change fixed settings; cut metrics.jsonl back to the step
+    the run resumes from, so that its rows follow without duplicates."""
+    point, warnings = ckpt.plan_resume(Path(cfg.output_dir), cfg, env.world_size)
+    for line in warnings:
+        say(env, f"warning: {line}")
+    if env.is_main:
+        step = ckpt.read_meta(point)["step"] if point is not None else -1
+        removed = MetricsWriter.keep_rows_up_to(Path(cfg.output_dir), step)
+        if removed and point is not None:
+            say(env, f"metrics.jsonl: {removed} row(s) after step {step} removed (written after the checkpoint this "
+                     "run resumes from); this run's rows follow")
+        elif removed:
+            say(env, f"metrics.jsonl: {removed} row(s) of an earlier start without a checkpoint removed; "
+                     "this run starts at step 0")
 
 
 def _run(cfg: RunConfig, env: DistEnv) -> dict:
+    check_resume(cfg, env)
     out = prepare_output_dir(cfg, env)
     say(env, f"run folder: {out}")
     resolve_impls(cfg, env)
@@ -124,6 +166,7 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
                  f"every {cfg.schedule.embedding_refresh_every} steps, cache of {cfg.schedule.embedding_cache}")
     trainer = Trainer(cfg, env, model, stream, schedule, out)
     attach_validation(trainer, cfg, env, model, tokenizer)
+    inject_rank_failure(trainer, cfg, env)
     trainer.resume()
     with profiler_context(cfg, env, out) as prof:
         if prof is not None:
@@ -139,7 +182,9 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
         summary["data"] = stream.counts()
     if env.is_main:
         write_summary(out, summary)
-        say(env, f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+        ended = (f"stopped by {summary['stopped_by']} (checkpoint {summary['last_checkpoint']}; the same command "
+                 "resumes)" if summary.get("stopped_by") else "done")
+        say(env, f"{ended}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
                  f"{summary['tokens_per_sec_per_device']:,.0f} tok/s per device; adapter: {adapter_dir}")
     trainer.close()
     if hasattr(stream, "close"):

@@ -4,10 +4,13 @@
     python engine/train.py --recipe random max_steps=20 optim.lr=2e-4
 
 Parse the recipe and overrides, build, train, close; everything else lives in engine/.
+Errors the project raises on purpose (a bad setting, shard, sample or checkpoint) are printed as
+`omnitrain: error: ...` with exit code 2; anything else keeps its full traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +18,58 @@ if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): mak
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ConfigError, available_recipes, load_config  # noqa: E402
+
+# Exit code of a run refused or stopped for a reason its message explains (argparse's code too).
+USER_ERROR_EXIT = 2
+# Exit code of a run stopped by SIGTERM after its checkpoint (128 + 15, as a shell reports it).
+SIGTERM_EXIT = 143
+
+
+# The project's own error classes, by module: their messages say what to change (a setting, a
+# shard, a sample, a checkpoint); a traceback adds nothing for the user.
+USER_ERRORS = {
+    "engine.config": ("ConfigError",),
+    "engine.checkpoint": ("CheckpointError",),
+    "engine.trainer": ("TrainingStopped",),
+    "loaders.ads": ("ADSError",),
+    "loaders.audio": ("AudioError",),
+    "loaders.curriculum": ("ScheduleError",),
+    "loaders.packing": ("PackingError",),
+    "loaders.shards": ("ShardError",),
+    "loaders.stream": ("DataError", "SampleTooLong"),
+    "loaders.tasks": ("UnknownTaskError",),
+}
+
+
+def user_error_classes() -> tuple[type[BaseException], ...]:
+    """The classes of USER_ERRORS that exist (one moved or renamed keeps its full traceback
+    rather than hiding the error being reported behind an ImportError)."""
+    import importlib
+
+    found = []
+    for module_name, names in USER_ERRORS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found += [getattr(module, name) for name in names if isinstance(getattr(module, name, None), type)]
+    return tuple(found)
+
+
+def rank_label() -> str:
+    """`rank 1: ` under torchrun with several processes (each rank prints its own error), else ''."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
+
+
+# What a collective raises on a rank whose peer process died (gloo's TCP transport; NCCL's
+# watchdog). The peer printed the real error; a traceback of this one only hides it.
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    return bool(rank_label()) and isinstance(error, RuntimeError) and any(m in str(error) for m in PEER_LOST_MESSAGES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
-        print(f"omnitrain: config error: {e}", file=sys.stderr)
-        return 2
+        print(f"omnitrain: error: {rank_label()}{e}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
 
     from engine.runner import run_training
 
-    run_training(cfg)
+    try:
+        summary = run_training(cfg)  # on failure it has already torn the process group down, without a barrier
+    except user_error_classes() as e:
+        print(f"omnitrain: error: {rank_label()}{e}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    except Exception as e:
+        if lost_a_peer(e):
+            first_sentence = str(e).split(". ")[0]
+            print(f"omnitrain: {rank_label()}stopped: another rank failed ({first_sentence}); see that rank's "
+                  "error", file=sys.stderr, flush=True)
+            return 1
+        if rank_label():  # torchrun stops the other ranks as soon as this one exits: say which one failed
+            print(f"omnitrain: {rank_label()}unexpected error, traceback follows", file=sys.stderr, flush=True)
+        raise
+    if summary.get("stopped_by") == "SIGTERM":
+        return SIGTERM_EXIT  # checkpointed, not finished: a scheduler sees a terminated job
     return 0
 
 

@@ -228,7 +228,17 @@ if triton is not None:
     def _untuned_when_small(configs, named_args, **kwargs):
         if named_args["rows_class"]:
             return configs
+        if kwargs.get("IEEE") and kwargs.get("BLOCK_R", 0) >= FP32_WIDE_RANK_BLOCK:
+            return [_FP32_WIDE_RANK_GEMM_CONFIG if "BLOCK_N" in configs[0].kwargs else _FP32_WIDE_RANK_TILE_CONFIG]
         return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1), c.kwargs["BLOCK_K"]))]
+
+    # fp32 with a wide rank block (grouped q/k/v or gate/up at rank >= 64 pad r to 128-256): the
+    # smallest tuned config needs 240-448 KiB of shared memory there (profiling/compile_check.py,
+    # sm_90, limit 227 KiB); these fit (tile: 40-76 KiB measured). Autotuned (large) problems skip
+    # such configs themselves: Triton's autotuner drops configs that run out of resources.
+    FP32_WIDE_RANK_BLOCK = 128
+    _FP32_WIDE_RANK_TILE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+    _FP32_WIDE_RANK_GEMM_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 
     _PRUNE = {"early_config_prune": _untuned_when_small}
     _TUNE_KEY = ["K", "BLOCK_R", "HAS_DROPOUT", "rows_class"]

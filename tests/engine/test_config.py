@@ -77,3 +77,36 @@ def test_token_budget_runs_and_scientific_integers():
         load_config("random", ["max_steps=0"])
     with pytest.raises(ConfigError, match="max_tokens"):
         load_config("random", ["max_tokens=2.5"])
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("lora.targets=[q_proj,foo_proj]", "q_proj, k_proj"),
+    ("lora.rank=-1", ">= 1"),
+    ("lora.rank=0", ">= 1"),
+    ("lora.dropout=1.5", "[0.0, 1.0)"),
+    ("lora.impl=cuda", "triton"),
+    ("model.preset=70b", "tiny, 7b"),
+    ("metrics.log_every=0", ">= 1"),
+    ("optim.grad_accum=0", ">= 1"),
+    ("model.fsdp=sometimes", "auto, true, false"),
+    ("loss.impl=fused", "reference"),
+])
+def test_out_of_range_values_name_key_value_and_what_is_allowed(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        load_config("random", [override])
+    msg = str(e.value)
+    assert key in msg and allowed in msg, msg
+    assert (value.strip("[]").split(",")[-1] if key == "lora.targets" else value) in msg, msg
+
+
+def test_unknown_schedule_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="schedule.name.*'foo'"):
+        load_config("random", ["schedule.name=foo"])
+
+
+def test_cli_prints_validation_errors_in_one_line_and_exits_2():
+    proc = subprocess.run([sys.executable, "engine/train.py", "--recipe", "random", "lora.rank=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("omnitrain: error: ") and "lora.rank" in proc.stderr
