@@ -22,6 +22,7 @@ from engine.parallel import (DistEnv, abort_distributed, apply_parallelism, clos
 from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
 from engine.trainer import Trainer, write_summary
 from engine.validation import attach_validation, final_validation
+from loaders.rank_counts import gather_rank_counts
 from kernels.linear_cross_entropy import resolve_loss_impl
 from kernels.lora import resolve_lora_impl
 from profiling.memory_report import format_memory_report, memory_report
@@ -179,7 +180,7 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     ckpt.export_adapter(adapter_dir, model, rank=env.rank, lora_cfg=cfg.lora, base_model=cfg.model.path or None)
     summary["adapter_dir"] = str(adapter_dir)
     if hasattr(stream, "counts"):
-        summary["data"] = stream.counts()
+        summary["data"] = gather_rank_counts(stream.counts())  # a collective: every rank
     if env.is_main:
         write_summary(out, summary)
         ended = (f"stopped by {summary['stopped_by']} (checkpoint {summary['last_checkpoint']}; the same command "

@@ -31,6 +31,7 @@ from engine.metrics import (MetricsWriter, batch_flops_inputs, device_peak_flops
                             format_line, peak_memory_gib)
 from engine.parallel import DistEnv, all_reduce_sum, set_gradient_sync
 from loaders.packing import token_slots
+from loaders.rank_counts import gather_rank_counts
 from loaders.tasks import TASKS
 
 
@@ -337,6 +338,7 @@ class Trainer:
                "packing_efficiency": window.tokens / max(window.slots, 1)}
         counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
         if counts:
+            counts = gather_rank_counts(counts)  # a collective: every rank logs at the same steps
             row["data"] = counts
             row.update(self._mix_since_last_row(counts))
         if self.env.is_main:

@@ -7,6 +7,7 @@ shard and the sample key so a user can find the file.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import soundfile
@@ -24,8 +25,19 @@ class AudioError(ValueError):
         self.reason = reason
 
 
+# libsndfile's messages name the file object it was given ("Error opening <_io.BytesIO object
+# at 0x7f...>: ..."), which tells a user nothing: the message names shard and key instead.
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _where(shard: str, key: str) -> str:
     return f"shard {shard}, sample {key!r}"
+
+
+def _undecodable(shard: str, key: str, exc: Exception) -> AudioError:
+    reason = _BUFFER_REPR.sub(f"the audio of {key!r}", str(exc))
+    return AudioError("undecodable_audio", f"{_where(shard, key)}: audio cannot be decoded ({reason}); "
+                                           "re-encode it as wav/flac/ogg")
 
 
 def probe_duration(data: bytes, *, shard: str = "?", key: str = "?") -> float:
@@ -33,10 +45,7 @@ def probe_duration(data: bytes, *, shard: str = "?", key: str = "?") -> float:
     try:
         info = soundfile.info(io.BytesIO(data))
     except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError
-        raise AudioError(
-            "undecodable_audio",
-            f"{_where(shard, key)}: audio cannot be decoded ({exc}); re-encode it as wav/flac/ogg",
-        ) from exc
+        raise _undecodable(shard, key, exc) from exc
     if info.samplerate <= 0:
         raise AudioError("undecodable_audio", f"{_where(shard, key)}: audio header has sample rate {info.samplerate}")
     return info.frames / info.samplerate
@@ -47,10 +56,7 @@ def decode_audio(data: bytes, *, shard: str = "?", key: str = "?") -> np.ndarray
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioError(
-            "undecodable_audio",
-            f"{_where(shard, key)}: audio cannot be decoded ({exc}); re-encode it as wav/flac/ogg",
-        ) from exc
+        raise _undecodable(shard, key, exc) from exc
     if samples.shape[0] == 0:
         raise AudioError("empty_audio", f"{_where(shard, key)}: audio has no samples; remove it from the shard")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]

@@ -11,8 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loaders.prompts import IGNORE_INDEX
+from loaders.prompts import IGNORE_INDEX, shortest_example_tokens
 from loaders.tasks import TASK_IDS
+
+# Tasks with a closed label set and the DataConfig field holding it (as loaders.shards.LABELLED_TASKS).
+_LABEL_SETTINGS = {"did": "dialects", "ser": "emotions"}
 
 # Waiting examples kept per micro-batch, in tokens: 4 x max_tokens_per_batch. More gives
 # tighter buckets (less padding) but holds more decoded audio in memory.
@@ -21,6 +24,20 @@ LOOKAHEAD_BATCHES = 4
 
 def padded_cost(lengths: list[int]) -> int:
     return len(lengths) * max(lengths) if lengths else 0
+
+
+def check_budget_fits_tasks(cfg, tokenizer, tasks) -> None:
+    """Fail at once when data.max_tokens_per_batch cannot hold even the shortest possible
+    example of a task (one audio token, the shortest target): every example would be skipped
+    as too_long_for_batch."""
+    for task in tasks:
+        labels = getattr(cfg, _LABEL_SETTINGS[task]) if task in _LABEL_SETTINGS else ()
+        shortest = shortest_example_tokens(tokenizer, task, cfg.instruction_lang, labels)
+        if cfg.max_tokens_per_batch < shortest:
+            raise ValueError(f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} cannot hold one {task} example: "
+                             f"the prompt of the shortest possible one (one audio token) has {shortest} tokens, and "
+                             f"real recordings add about 25 per second; raise data.max_tokens_per_batch well above "
+                             f"{shortest} or drop {task} from the mix")
 
 
 def select_micro_batch(lengths: list[int], budget: int) -> list[int]:

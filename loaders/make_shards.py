@@ -1,7 +1,7 @@
 """Build WebDataset shards from a JSONL manifest of local audio files.
 
     python -m loaders.make_shards MANIFEST.jsonl OUT_DIR [--max-count N] [--max-size MB]
-        [--prefix train] [--dialects egy,glf,...] [--emotions neutral,happy,...]
+        [--prefix train] [--dialects egy,glf,...|any] [--emotions neutral,happy,...|any]
 
 This is how a user brings a corpus (MGB-2, ADI-17, their own recordings). Each manifest row
 is a JSON object with ``audio`` (a local path; a relative path is resolved against the
@@ -13,7 +13,10 @@ Every row is validated before it is written: the audio file exists, libsndfile (
 reads it and it holds at least one frame; the row carries at least one target; labels are
 in the given sets; the fields are JSON-serialisable; the key is unique and safe as a tar
 member name (letters, digits, ``_`` and ``-``; WebDataset splits a member name at the
-first dot, so a key may not contain one). Without a ``key`` the key is derived from the
+first dot, so a key may not contain one). Labels are checked against the recipe defaults
+(dialects egy,glf,lev,msa,nor; emotions neutral,happy,sad,angry) unless --dialects /
+--emotions give other sets; ``any`` accepts every label (for a recipe whose data.dialects /
+data.emotions list labels of its own; training skips and counts labels outside them). Without a ``key`` the key is derived from the
 audio path relative to the manifest folder. Refused rows are listed with their row number
 and reason; the exit status is non-zero when nothing was written.
 
@@ -134,10 +137,16 @@ class ValidSample:
     seconds: float
 
 
+# The value of --dialects / --emotions that turns the label check off.
+ANY_LABEL = "any"
+
+
 @dataclass
 class LabelSets:
-    dialects: tuple[str, ...] | None = None
-    emotions: tuple[str, ...] | None = None
+    """Allowed dialect / emotion labels; None accepts any label. Defaults: the recipe defaults,
+    the sets training uses unless data.dialects / data.emotions say otherwise."""
+    dialects: tuple[str, ...] | None = DEFAULT_DIALECTS
+    emotions: tuple[str, ...] | None = DEFAULT_EMOTIONS
 
 
 def derive_key(audio_path: Path, manifest_dir: Path) -> str:
@@ -158,7 +167,8 @@ def _check_labels(meta: dict, labels: LabelSets) -> None:
     ):
         value = meta.get(field_name)
         if allowed is not None and isinstance(value, str) and value.strip() and value.strip() not in allowed:
-            raise RowRefused(f"{field_name} {value!r} is not in {option} ({', '.join(allowed)})")
+            raise RowRefused(f"{field_name} {value!r} is not in {option} ({', '.join(allowed)}); fix the row, or give "
+                             f"{option} with your label set ({option} {ANY_LABEL} accepts every label)")
 
 
 # Frames decoded per read while checking that a whole file decodes (bounded memory).
@@ -358,8 +368,11 @@ def _read_existing_index(out_dir: Path) -> dict:
     return {name: entry for name, entry in shards.items() if (out_dir / name).is_file()}
 
 
-def _label_list(text: str | None) -> tuple[str, ...] | None:
+def _label_list(text: str | None, default: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--dialects / --emotions: absent -> the recipe default; "any" -> None (no check)."""
     if text is None:
+        return default
+    if text.strip().lower() == ANY_LABEL:
         return None
     return tuple(label.strip() for label in text.split(",") if label.strip())
 
@@ -371,8 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     parser.add_argument("--max-size", type=float, default=512.0, help="MB per shard at most")
     parser.add_argument("--prefix", default="train", help="shard name prefix (train, val, ...)")
-    parser.add_argument("--dialects", help=f"allowed dialect labels, comma-separated (recipe default: {','.join(DEFAULT_DIALECTS)})")
-    parser.add_argument("--emotions", help=f"allowed emotion labels, comma-separated (recipe default: {','.join(DEFAULT_EMOTIONS)})")
+    parser.add_argument("--dialects", help=f"allowed dialect labels, comma-separated; rows with others are refused "
+                                           f"(default: the recipe default {','.join(DEFAULT_DIALECTS)}; "
+                                           f"'{ANY_LABEL}': accept every label)")
+    parser.add_argument("--emotions", help=f"allowed emotion labels, comma-separated; rows with others are refused "
+                                           f"(default: the recipe default {','.join(DEFAULT_EMOTIONS)}; "
+                                           f"'{ANY_LABEL}': accept every label)")
     args = parser.parse_args(argv)
     if args.max_count < 1 or args.max_size <= 0:
         parser.error("--max-count must be at least 1 and --max-size above 0")
@@ -381,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.manifest.is_file():
         print(f"error: manifest {args.manifest} does not exist", file=sys.stderr)
         return 2
-    labels = LabelSets(_label_list(args.dialects), _label_list(args.emotions))
+    labels = LabelSets(_label_list(args.dialects, DEFAULT_DIALECTS), _label_list(args.emotions, DEFAULT_EMOTIONS))
+    for option, value in (("--dialects", labels.dialects), ("--emotions", labels.emotions)):
+        if value is not None and not value:
+            parser.error(f"{option} names no labels; give comma-separated labels or '{ANY_LABEL}'")
     report = make_shards(args.manifest, args.out_dir, args.max_count, args.max_size, args.prefix, labels)
     for row_number, reason in report.refused:
         print(f"refused row {row_number}: {reason}")

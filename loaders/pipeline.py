@@ -46,10 +46,11 @@ import logging
 
 import torch
 
-from loaders.batching import LOOKAHEAD_BATCHES, collate, padded_cost, select_micro_batch
+from loaders.batching import LOOKAHEAD_BATCHES, check_budget_fits_tasks, collate, padded_cost, select_micro_batch
 from loaders.curriculum import SAMPLERS, ScheduleConfig
 from loaders.embedding_refresh import RefreshedEmbeddings
 from loaders.packing import collate_packed, select_packed_row
+from loaders.rank_counts import add_counts
 from loaders.shards import LABELLED_TASKS, check_enough_shards, count_examples_by_shard, shard_order, sum_counts
 from loaders.sources import resolve_sources
 from loaders.stream import ExampleSource, source_weight
@@ -63,10 +64,10 @@ log = logging.getLogger("loaders")
 class ExampleProducer:
     """One slot's ExampleSource and Sampler; yields examples tagged for exact resume."""
 
-    def __init__(self, cfg, tokenizer, sources, data_counts, sampler, *, slot, num_slots, seed, worker):
+    def __init__(self, cfg, tokenizer, sources, data_counts, sampler, *, slot, num_slots, seed, worker, rank=None):
         self.cfg, self.worker, self.sampler = cfg, worker, sampler
         self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed,
-                                    max_rewind=getattr(sampler, "max_rewind", 0))
+                                    max_rewind=getattr(sampler, "max_rewind", 0), rank=rank)
         self.ordinal = 0
 
     def state_dict(self) -> dict:
@@ -137,14 +138,6 @@ def _keep_as_is(item):
     return item
 
 
-def _add_nested(total: dict, part: dict) -> None:
-    """total[task][label] += part[task][label]; a None (unknown) stays None."""
-    for task, per_label in part.items():
-        into = total.setdefault(task, {})
-        for label, n in per_label.items():
-            into[label] = None if n is None or into.get(label, 0) is None else into.get(label, 0) + n
-
-
 class TrainStream:
     """Endless token-budget micro-batches for one rank (see the module docstring)."""
 
@@ -168,6 +161,7 @@ class TrainStream:
         self.data_counts = {index: sum_counts(counts.values()) for index, counts in enumerate(self.shard_counts)}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)
+        check_budget_fits_tasks(cfg, tokenizer, self.active_tasks)
         self.task_weights = dict(task_weights or {})
         self.sampler_name = sampler
         self.schedule_cfg = schedule_cfg or ScheduleConfig()
@@ -185,7 +179,8 @@ class TrainStream:
     def _make_producer(self, worker: int) -> ExampleProducer:
         slot, num_slots = self.rank * self.num_producers + worker, self.world_size * self.num_producers
         return ExampleProducer(self.cfg, self.tokenizer, self.sources, self.data_counts, self._make_sampler(slot),
-                               slot=slot, num_slots=num_slots, seed=self.seed, worker=worker)
+                               slot=slot, num_slots=num_slots, seed=self.seed, worker=worker,
+                               rank=self.rank if self.world_size > 1 else None)
 
     def _make_sampler(self, slot: int):
         weights = [source_weight(self.cfg, s) for s in range(len(self.sources))]
@@ -349,6 +344,7 @@ class TrainStream:
     def set_tasks(self, active_tasks, task_weights=None) -> None:
         """Switch the mix (curriculum stage). Waiting examples of dropped tasks are still used;
         samples a sampler holds for a dropped task wait for a stage with that task."""
+        check_budget_fits_tasks(self.cfg, self.tokenizer, active_tasks)
         self.active_tasks, self.task_weights = list(active_tasks), dict(task_weights or {})
         self._record_switch()
 
@@ -479,8 +475,8 @@ class TrainStream:
             epoch = max(epoch, c["epoch"])
             sampler = c.get("sampler", {})
             pending += sampler.get("pending", 0)
-            _add_nested(draws, sampler.get("draws", {}))
-            _add_nested(repeats, sampler.get("repeats", {}))
+            draws = add_counts(draws, sampler.get("draws", {}))
+            repeats = add_counts(repeats, sampler.get("repeats", {}))
         embedded = sum(self.used_embeddings.values())
         real = self.used_embeddings.get("stored", 0) + self.used_embeddings.get("refreshed", 0)
         return {"read": read, "used": self.used, "pending": pending, "skipped": skipped, "epoch": epoch,
@@ -490,5 +486,8 @@ class TrainStream:
                 "sampler": self.sampler_name}
 
     def close(self) -> None:
-        self._loader_iter = None  # DataLoader workers exit when their iterator is collected
+        # Stop DataLoader workers now, not when the iterator is collected: a data error's
+        # traceback keeps it alive, and a later collection stalls for seconds.
+        getattr(self._loader_iter, "_shutdown_workers", lambda: None)()
+        self._loader_iter = None
         self._iters = []

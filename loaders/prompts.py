@@ -106,3 +106,13 @@ def build_prompt_ids(tokenizer, *, instruction: str, target: str, n_audio_tokens
     input_ids = prompt + response + tail
     labels = [IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * len(tail)
     return PromptIds(input_ids, labels, len(prompt), len(target_ids))
+
+
+def shortest_example_tokens(tokenizer, task: str, instruction_lang: str, labels=()) -> int:
+    """Tokens of the shortest possible example of ``task``: one audio token and the shortest
+    target (a closed-set label of did/ser, else one character). A micro-batch budget below it
+    can hold no example of the task at all."""
+    langs = ("en", "ar") if instruction_lang == "mixed" else (instruction_lang,)
+    targets = tuple(labels) if labels else ("a",)
+    return min(len(build_prompt_ids(tokenizer, instruction=instruction_text(task, lang, labels), target=target,
+                                    n_audio_tokens=1).input_ids) for lang in langs for target in targets)

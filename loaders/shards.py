@@ -32,6 +32,14 @@ class ShardError(ValueError):
     """A shard list that cannot be trained on (missing files, too few shards for the slots)."""
 
 
+class DamagedTar(ShardError):
+    """A tar stream that cannot be read on. ``member``: the name of the member it broke in, if known."""
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
+
+
 def expand_urls(spec) -> list[str]:
     """Brace notation (``a-{000..007}.tar``, ``{a,b}``) and whitespace-separated URLs -> list."""
     import braceexpand
@@ -66,11 +74,25 @@ def check_shards_exist(urls: list[str], config_key: str) -> None:
     """Fail before training if a local shard is missing, naming them and the config key."""
     if not urls:
         raise ShardError(f"{config_key} names no shards; give shard URLs, e.g. data/x/train-{{000000..000007}}.tar")
-    missing = [u for u in urls if (is_local(u) or u.startswith("file://")) and not os.path.isfile(local_path(u))]
+    local = [u for u in urls if is_local(u) or u.startswith("file://")]
+    folders = [u for u in local if os.path.isdir(local_path(u))]
+    if folders:
+        raise ShardError(_folder_message(folders[0], config_key))
+    missing = [u for u in local if not os.path.isfile(local_path(u))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ShardError(f"{config_key}: {len(missing)} of {len(urls)} shard(s) do not exist: {shown}. "
                          "Check the path and brace range, or build shards with python -m loaders.make_shards")
+
+
+def _folder_message(url: str, config_key: str) -> str:
+    """A folder given where shard files are expected: say so, with the shards it holds."""
+    folder = local_path(url).rstrip("/") or "/"
+    tars = sorted(name for name in os.listdir(folder) if name.endswith((".tar", ".tar.gz", ".tgz")))
+    holds = (f"it holds {len(tars)} tar file(s): {tars[0]}" + (f" ... {tars[-1]}" if len(tars) > 1 else "")
+             if tars else "it holds no .tar files")
+    return (f"{config_key}: {url} is a folder, not a shard ({holds}); give shard URLs, e.g. "
+            f"{folder}/train-{{000000..000007}}.tar for train-000000.tar ... train-000007.tar")
 
 
 def check_enough_shards(urls: list[str], num_slots: int, world_size: int, num_workers: int, config_key: str) -> None:
@@ -136,22 +158,23 @@ def _pax_path(data: bytes) -> str | None:
 
 
 def iter_tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular member. Raises ShardError on a corrupt or truncated tar."""
+    """(name, data) of each regular member. Raises DamagedTar on a corrupt or truncated tar."""
     offset, long_name = 0, None
     while True:
         header = _read_exact(stream, TAR_BLOCK)
         if not header or header == b"\0" * TAR_BLOCK:
             return
         if len(header) < TAR_BLOCK:
-            raise ShardError(f"truncated tar header at byte {offset}")
+            raise DamagedTar(f"truncated tar header at byte {offset}")
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:
-            raise ShardError(f"corrupt tar header at byte {offset} ({exc})") from None
+            raise DamagedTar(f"corrupt tar header at byte {offset} ({exc})") from None
         padded = -(-info.size // TAR_BLOCK) * TAR_BLOCK
         data = _read_exact(stream, padded)
         if len(data) < info.size:
-            raise ShardError(f"member {info.name!r} is truncated ({len(data)} of {info.size} bytes)")
+            raise DamagedTar(f"member {long_name or info.name!r} is truncated ({len(data)} of {info.size} bytes)",
+                             long_name or info.name)
         data, offset = data[: info.size], offset + TAR_BLOCK + padded
         if info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -197,8 +220,11 @@ def _make_sample(url: str, key: str, index: int, files: dict[str, bytes]) -> Raw
 def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
     """Samples of one shard (members grouped by key, in order), from sample ``skip`` on.
 
-    A corrupt tar ends the shard with one RawSample whose error is "corrupt_tar": the rest of
-    the shard cannot be located in a stream.
+    A damaged tar ends the shard with one RawSample whose error is "corrupt_tar": the rest of
+    the shard cannot be located in a stream, nor can how many samples it held. The sample being
+    read when the damage hit is part of that one error, unless it is whole (its JSON and audio
+    both read and the damage in a later member): a truncated audio member is not a "JSON
+    without audio".
     """
     index, key, files = 0, None, {}
     with _open_stream(url) as stream:
@@ -212,17 +238,30 @@ def iter_tar_samples(url: str, skip: int = 0) -> Iterator[RawSample]:
                 key = member_key
                 files[ext] = data
         except (ShardError, OSError, EOFError) as exc:
-            if key is not None:  # the members read before the damage are whole
-                if index >= skip:
-                    yield _make_sample(url, key, index, files)
-                index += 1
-            if index >= skip:
-                last = f" after sample {key!r}" if key else ""
-                yield RawSample(url, key or "?", index, error=("corrupt_tar", f"shard {url}: {exc}{last}; the rest "
-                                                                              "of this shard is skipped; rewrite it"))
+            yield from _end_of_damaged_shard(url, key, index, files, exc, skip)
             return
         if key is not None and index >= skip:
             yield _make_sample(url, key, index, files)
+
+
+def _end_of_damaged_shard(url: str, key: str | None, index: int, files: dict, exc: Exception, skip: int):
+    """The sample being read when the damage hit (if whole), then one corrupt_tar record."""
+    damaged_member = getattr(exc, "member", None)
+    whole = (key is not None and "json" in files and any(e.rpartition(".")[2] in AUDIO_EXTENSIONS for e in files)
+             and (damaged_member is None or _split_name(damaged_member)[0] != key))
+    if whole:
+        if index >= skip:
+            yield _make_sample(url, key, index, files)
+        index += 1
+        lost = f"the rest of the shard after sample {key!r}"
+    elif key is not None:
+        lost = f"sample {key!r} (number {index} of the shard) and the rest of the shard after it"
+    else:
+        lost = "the whole shard"
+    if index >= skip:
+        yield RawSample(url, key or "?", index, error=("corrupt_tar", (
+            f"shard {url}: {exc}; {lost} cannot be read (how many samples that is cannot be known from a damaged "
+            "tar; counted as one corrupt_tar); rewrite the shard")))
 
 
 def count_examples_by_shard(urls: list[str]) -> dict[str, dict]:

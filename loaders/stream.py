@@ -45,9 +45,11 @@ RNG seeded by (seed, stream, block number) and hands them out. The state of a st
 read position at the block start plus how many of the block were handed out, so a resume
 re-reads at most one block and the sample sequence is exactly the uninterrupted one.
 
-Errors: each bad sample is skipped with a warning naming shard and key and counted by
-reason (``SKIP_REASONS``), or raised as DataError with on_error="raise". A record-level
-error (no JSON, bad JSON, no target, unknown task, corrupt tar) met by several task streams
+Errors: each bad sample is skipped and counted by reason (``SKIP_REASONS``), with a warning
+naming shard and key the first time that (shard, key, reason) is met (loaders.skip_counting),
+or raised as DataError with on_error="raise". A stream whose whole epochs yield no usable
+example (all too long for the batch, say) raises ShardError naming the setting to change.
+A record-level error (no JSON, bad JSON, no target, unknown task, corrupt tar) met by several task streams
 of a slot is counted once per epoch; a stream started later (a new curriculum stage) counts
 what it reads itself. Counts add up: read = emitted + skipped + buffered (examples waiting in
 shuffle blocks).
@@ -67,19 +69,10 @@ from loaders.audio import TARGET_SAMPLE_RATE, AudioError, decode_audio, probe_du
 from loaders.features import log_mel, num_frames
 from loaders.prompts import audio_token_count, build_prompt_ids, instruction_language, instruction_text, target_token_count
 from loaders.shards import LABELLED_TASKS, RawSample, ShardError, iter_tar_samples, shard_order
-from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record
+from loaders.skip_counting import SKIP_REASONS, DataError, ErrorCounter, UnusableRun  # noqa: F401 (re-exported)
+from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record, why_no_target
 
 log = logging.getLogger("loaders")
-
-SKIP_REASONS = (
-    "corrupt_tar", "audio_without_json", "json_without_audio", "malformed_json", "no_target",
-    "unknown_task", "label_outside_set", "undecodable_audio", "empty_audio", "audio_too_long",
-    "text_too_long", "too_long_for_batch",
-)
-
-
-class DataError(ValueError):
-    """A bad sample, raised when data.on_error=raise (or data.strict for labels)."""
 
 
 @dataclass
@@ -106,33 +99,6 @@ class Example:
 EMPTY_SLOT_EPOCHS_PER_SLOT = 4
 
 
-class ErrorCounter:
-    """Counts skips by reason, warns once per counted skip, de-duplicates record-level errors."""
-
-    def __init__(self, on_error: str):
-        self.on_error = on_error
-        self.skipped: dict[str, int] = {}
-        self.seen: set[tuple] = set()
-        self.silent = False  # True while a resume or rewind replays already-counted reads
-
-    def report(self, reason: str, message: str, dedupe: tuple | None = None, *, force_raise: bool = False) -> bool:
-        """Count one skip. Returns False if it was already counted (same record, same epoch)."""
-        if self.silent:  # a replay of reads that were counted (or raised) the first time
-            return False
-        if self.on_error == "raise" or force_raise:
-            raise DataError(message)
-        if dedupe is not None:
-            if dedupe in self.seen:
-                return False
-            self.seen.add(dedupe)
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        log.warning("skipped (%s): %s", reason, message)
-        return True
-
-    def prune(self, min_epoch: int) -> None:
-        self.seen = {entry for entry in self.seen if entry[0] >= min_epoch}
-
-
 def stream_name(source: int | None, task: str, label: str | None) -> str:
     """"0/did/egy": one source's reader; with source None, "did/egy": the stream over all sources."""
     name = f"{task}/{label or '*'}"
@@ -142,8 +108,11 @@ def stream_name(source: int | None, task: str, label: str | None) -> str:
 class StreamReader:
     """One (source, task, label) stream of raw samples for one slot, endless, block-shuffled."""
 
-    def __init__(self, name, urls, task, label, closed_labels, *, slot, num_slots, seed, block_size, errors, strict):
+    def __init__(self, name, urls, task, label, closed_labels, *, slot, num_slots, seed, block_size, errors, strict,
+                 known_count=None):
         self.name, self.urls, self.task, self.label = name, urls, task, label
+        self.known_count = known_count  # examples of this stream in all of its source's shards (None: unknown)
+        self.unusable_run = UnusableRun()
         self.closed_labels = closed_labels
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
         self.block_size = max(1, block_size)
@@ -183,18 +152,18 @@ class StreamReader:
 
     def _accepts(self, sample: RawSample, epoch: int) -> bool:
         """Decide from the JSON alone; count record-level errors once per record and epoch."""
-        record_id = (epoch, sample.shard, sample.index)
+        record_id, who = (epoch, sample.shard, sample.index), (sample.shard, sample.key)
         if sample.error is not None:
-            self.read += self.errors.report(sample.error[0], sample.error[1], record_id)
+            self.read += self.errors.report(sample.error[0], sample.error[1], record_id, sample=who)
             return False
         try:
             tasks = tasks_of_record(sample.meta)
         except UnknownTaskError as exc:
-            self.read += self.errors.report("unknown_task", f"{sample.where}: {exc}", record_id)
+            self.read += self.errors.report("unknown_task", f"{sample.where}: {exc}", record_id, sample=who)
             return False
         if not tasks:
-            fields = ", ".join(TARGET_FIELDS.values())
-            self.read += self.errors.report("no_target", f"{sample.where}: the JSON has none of {fields}", record_id)
+            self.read += self.errors.report("no_target", f"{sample.where}: {why_no_target(sample.meta)}", record_id,
+                                            sample=who)
             return False
         if self.task not in tasks:
             return False
@@ -204,11 +173,27 @@ class StreamReader:
                 message = (f"{sample.where}: {self.task} label {value!r} is not in data.{LABELLED_TASKS[self.task]}="
                            f"{list(self.closed_labels)}; add it there or fix the sample")
                 self.read += self.errors.report("label_outside_set", message, record_id + (self.task,),
-                                                force_raise=self.strict)
+                                                force_raise=self.strict, sample=who)
                 return False
             if self.label is not None and value != self.label:
                 return False
         return True
+
+    # --- a stream with nothing usable -----------------------------------------------------
+    def note_usable(self, epoch: int) -> None:
+        self.unusable_run.usable(epoch)
+
+    def note_unusable(self, epoch: int, reason: str, value: float | None) -> None:
+        """An example of ``epoch`` was skipped after decoding. Raises ShardError once whole epochs
+        (the same allowance as for JSON-level emptiness, _max_empty_epochs) passed without a
+        usable one, or, with several slots, once this stream skipped in a row as many examples
+        as its source holds in all: it would otherwise re-read the shards forever."""
+        empty_epochs = self.unusable_run.unusable(epoch, reason, value)
+        skipped_in_row = sum(self.unusable_run.reasons.values())
+        if empty_epochs >= 1 and (empty_epochs >= self._max_empty_epochs() or
+                                  (self.known_count and skipped_in_row >= self.known_count)):
+            raise self.unusable_run.error(self.name, self.task, self.label, empty_epochs,
+                                          self._slot_shards(max(0, epoch - 1)))
 
     # --- blocks ---------------------------------------------------------------------------
     def _max_empty_epochs(self) -> int:
@@ -299,13 +284,16 @@ class StreamReader:
         return {"block_start": list(self.block_start), "block_number": self.block_number,
                 "block_emitted": self.block_emitted, "has_block": bool(self.block), "read": self.read,
                 "taken": self.taken, "high_taken": self.high_taken, "high_block": self.high_block,
-                "block_history": [list(h) for h in self.block_history]}
+                "block_history": [list(h) for h in self.block_history],
+                "last_usable_epoch": self.unusable_run.last_usable_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.block_number, self.read = state["block_number"], state["read"]
         self.taken, self.high_taken, self.high_block = state["taken"], state["high_taken"], state["high_block"]
         self.block_history = collections.deque(list(h) for h in state["block_history"])
         self.epoch, self.shard_pos, self.sample_index = state["block_start"]
+        # States saved before this field: count from the epoch before the resume point.
+        self.unusable_run = UnusableRun(state.get("last_usable_epoch", self.epoch - 1))
         self._samples, self.block = None, []
         if state["has_block"]:
             self._fill_block()  # a replay (block_number <= high_block): counted before the checkpoint
@@ -316,7 +304,7 @@ class ExampleSource:
     """Per-(source, task, label) streams of prepared examples for one slot, created on first pull."""
 
     def __init__(self, sources: list[list[str]], cfg, tokenizer, data_counts: dict, *, slot: int, num_slots: int,
-                 seed: int, max_rewind: int = 0):
+                 seed: int, max_rewind: int = 0, rank: int | None = None):
         self.sources, self.cfg, self.tokenizer = sources, cfg, tokenizer
         self.max_rewind = max_rewind  # how many examples per stream rewind() may step back
         # Per pulled stream "task/label": (source, reader.taken before the pull) of recent pulls,
@@ -325,7 +313,7 @@ class ExampleSource:
         self.replay_sources: dict[str, collections.deque] = {}
         self.data_counts = data_counts  # {source: {"tasks": {task: n}, "labels": {task: {label: n}}}}
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
-        self.errors = ErrorCounter(cfg.on_error)
+        self.errors = ErrorCounter(cfg.on_error, rank)  # rank: named in the warnings (None with one rank)
         self.readers: dict[str, StreamReader] = {}
         self.emitted = 0
         self.rng = np.random.default_rng([seed, slot, 7])
@@ -334,9 +322,13 @@ class ExampleSource:
         name = stream_name(source, task, label)
         if name not in self.readers:
             closed = tuple(getattr(self.cfg, LABELLED_TASKS[task])) if task in LABELLED_TASKS else ()
+            counts = self.data_counts.get(source, {})
+            known = (counts.get("tasks", {}).get(task) if label is None else
+                     counts.get("labels", {}).get(task, {}).get(label))
             self.readers[name] = StreamReader(
                 name, self.sources[source], task, label, closed, slot=self.slot, num_slots=self.num_slots,
-                seed=self.seed, block_size=self.cfg.shuffle_buffer, errors=self.errors, strict=self.cfg.strict)
+                seed=self.seed, block_size=self.cfg.shuffle_buffer, errors=self.errors, strict=self.cfg.strict,
+                known_count=known)
         return self.readers[name]
 
     def _choose_source(self, task: str, label: str | None) -> int:
@@ -367,8 +359,10 @@ class ExampleSource:
                 example = prepare_example(sample, task, epoch, self.cfg, self.tokenizer)
             except (AudioError, SampleTooLong) as exc:
                 if not replaying:
-                    self.errors.report(exc.reason, str(exc))
+                    self.errors.report(exc.reason, str(exc), sample=(sample.shard, sample.key))
+                reader.note_unusable(epoch, exc.reason, getattr(exc, "value", None))
                 continue
+            reader.note_usable(epoch)
             if not replaying:
                 self.emitted += 1
             if self.max_rewind:
@@ -452,9 +446,11 @@ def source_weight(cfg, source: int) -> float:
 
 # --- preparing one example ------------------------------------------------------------------
 class SampleTooLong(ValueError):
-    def __init__(self, reason: str, message: str):
+    """An example over a limit. ``value``: its size in the limit's unit (tokens, seconds)."""
+
+    def __init__(self, reason: str, message: str, value: float | None = None):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.value = reason, value
 
 
 def prepare_example(sample: RawSample, task: str, epoch: int, cfg, tokenizer) -> Example:
@@ -463,11 +459,12 @@ def prepare_example(sample: RawSample, task: str, epoch: int, cfg, tokenizer) ->
     n_target = target_token_count(tokenizer, target)
     if n_target > cfg.max_text_tokens:
         raise SampleTooLong("text_too_long", f"{sample.where}: {task} target has {n_target} tokens, more than "
-                            f"data.max_text_tokens={cfg.max_text_tokens}; raise the limit or drop the sample")
+                            f"data.max_text_tokens={cfg.max_text_tokens}; raise the limit or drop the sample", n_target)
     seconds = probe_duration(sample.audio, shard=sample.shard, key=sample.key)
     if seconds > cfg.max_audio_seconds:
         raise SampleTooLong("audio_too_long", f"{sample.where}: audio lasts {seconds:.1f} s, more than "
-                            f"data.max_audio_seconds={cfg.max_audio_seconds}; raise the limit or split the recording")
+                            f"data.max_audio_seconds={cfg.max_audio_seconds}; raise the limit or split the recording",
+                            float(seconds))
     waveform = decode_audio(sample.audio, shard=sample.shard, key=sample.key)
     if num_frames(waveform.size) == 0:
         raise AudioError("empty_audio", f"{sample.where}: audio is shorter than one 10 ms feature frame")
@@ -479,7 +476,7 @@ def prepare_example(sample: RawSample, task: str, epoch: int, cfg, tokenizer) ->
     if len(ids.input_ids) > cfg.max_tokens_per_batch:
         raise SampleTooLong("too_long_for_batch", f"{sample.where}: {task} example has {len(ids.input_ids)} tokens, "
                             f"more than data.max_tokens_per_batch={cfg.max_tokens_per_batch}; raise it or lower "
-                            "data.max_audio_seconds")
+                            "data.max_audio_seconds", len(ids.input_ids))
     label = target if task in LABELLED_TASKS else None
     return Example(sample.key, sample.shard, task, label, epoch, np.asarray(ids.input_ids, dtype=np.int64),
                    np.asarray(ids.labels, dtype=np.int64), features, waveform.size / TARGET_SAMPLE_RATE)

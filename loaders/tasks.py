@@ -55,3 +55,21 @@ def tasks_of_record(meta: dict) -> list[str]:
             f"expected one of {', '.join(TASKS)}"
         )
     return [task for task in TASKS if task in named and _has_target(meta, TARGET_FIELDS[task])]
+
+
+def why_no_target(meta: dict) -> str:
+    """Why tasks_of_record(meta) is empty, in words a user can act on: the field an explicit
+    ``task`` needs, a target field that is present but empty, or no target field at all."""
+    explicit = meta.get("task")
+    named = [] if explicit is None else ([explicit] if isinstance(explicit, str) else list(explicit))
+    empty = [field for field in TARGET_FIELDS.values() if field in meta and not _has_target(meta, field)]
+    if named:
+        needs = [f"task {task} needs a non-empty {TARGET_FIELDS[task]!r}" for task in named if task in TARGET_FIELDS]
+        have = [field for field in TARGET_FIELDS.values() if _has_target(meta, field)]
+        return ("; ".join(needs) + (f" (the JSON has {', '.join(map(repr, have))})" if have else "")
+                + "; add the field or fix the 'task' field")
+    if empty:
+        return (f"{', '.join(map(repr, empty))} {'is' if len(empty) == 1 else 'are'} empty and the JSON has no other "
+                "target; give the target text or drop the sample")
+    fields = ", ".join(map(repr, TARGET_FIELDS.values()))
+    return f"the JSON has none of the target fields {fields}; add one (or a 'task' field and its target)"

@@ -7,7 +7,7 @@ from loaders.batching import collate
 from loaders.shards import LABELLED_TASKS, check_enough_shards, iter_tar_samples
 from loaders.sources import resolve_sources
 from loaders.stream import ErrorCounter, SampleTooLong, prepare_example
-from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record
+from loaders.tasks import TARGET_FIELDS, UnknownTaskError, tasks_of_record, why_no_target
 
 
 def _val_examples(urls, cfg, tokenizer, errors: ErrorCounter, max_samples):
@@ -24,7 +24,7 @@ def _val_examples(urls, cfg, tokenizer, errors: ErrorCounter, max_samples):
                 errors.report("unknown_task", f"{sample.where}: {exc}")
                 continue
             if not tasks:
-                errors.report("no_target", f"{sample.where}: the JSON has none of {', '.join(TARGET_FIELDS.values())}")
+                errors.report("no_target", f"{sample.where}: {why_no_target(sample.meta)}")
             for task in tasks:
                 if task in LABELLED_TASKS:
                     value = str(sample.meta[TARGET_FIELDS[task]]).strip()
@@ -51,7 +51,7 @@ def build_val_batches(cfg, tokenizer, *, rank: int, world_size: int, max_samples
     if not urls:
         return []
     check_enough_shards(urls, world_size, world_size, 0, "data.val")
-    errors = ErrorCounter(cfg.on_error)
+    errors = ErrorCounter(cfg.on_error, rank if world_size > 1 else None)
     examples = list(_val_examples(urls[rank::world_size], cfg, tokenizer, errors, max_samples))
     examples.sort(key=lambda e: e.num_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -90,6 +90,8 @@ def _launch_record(module, attr, obj, args, kwargs, scenario) -> dict:
         configs = list(obj.configs)
         prune = getattr(obj, "early_config_prune", None)
         kept = prune(configs, dict(zip(names, args)), **params) if prune and len(configs) > 1 else configs
+        # A prune may also return a config of its own (a fallback outside the tuned list): it is run too.
+        configs += [k for k in kept if not any(k is c for c in configs)]
         record["configs"] = [_config_dict(c) for c in configs]
         record["reachable"] = [i for i, c in enumerate(configs) if any(c is k for k in kept)]
     return record

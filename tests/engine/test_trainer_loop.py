@@ -78,3 +78,15 @@ def test_tokens_per_second_leaves_out_time_spent_outside_steps(env, tmp_path):
     assert summary["wall_s"] - summary["train_s"] > 0.9   # the sleeps after steps 1 and 2 (wall_s is read before the hooks)
     assert summary["tokens_per_sec"] == pytest.approx(summary["tokens"] / summary["train_s"])
     assert math.isfinite(summary["tokens_per_sec"])
+
+
+def test_data_counts_of_a_two_rank_run_cover_both_ranks(cli_run):
+    """summary.json and the metrics rows carry the counts of every rank, and they add up."""
+    summary = json.loads((cli_run / "summary.json").read_text())
+    data = summary["data"]
+    assert data["world_size"] == 2 and [r["rank"] for r in data["per_rank"]] == [0, 1]
+    assert data["used"] == sum(r["used"] for r in data["per_rank"]) > 0
+    assert data["used"] > max(r["used"] for r in data["per_rank"]), "one rank's counts alone"
+    assert data["read"] == data["used"] + data["pending"] + sum(data["skipped"].values())
+    last = [r for r in rows_of(cli_run) if "data" in r][-1]
+    assert last["data"]["world_size"] == 2

@@ -211,3 +211,24 @@ def test_audio_extensions_match_the_streaming_reader():
     from loaders.make_shards import AUDIO_EXTENSIONS
     from loaders.shards import AUDIO_EXTENSIONS as READER_EXTENSIONS
     assert set(AUDIO_EXTENSIONS) == set(READER_EXTENSIONS)
+
+
+def test_default_label_sets_are_enforced_and_any_turns_the_check_off(tmp_path, capsys):
+    """Without --dialects/--emotions the recipe defaults are the allowed sets (a typo such as
+    "xyz" would otherwise be counted in shards.json and only skipped at training)."""
+    shutil.copy(ASSETS / CLIPS[1], tmp_path / "clip.flac")
+    rows = [{"audio": "clip.flac", "dialect": "egy", "key": "ok"},
+            {"audio": "clip.flac", "dialect": "xyz", "key": "typo"},
+            {"audio": "clip.flac", "emotion": "bored", "key": "odd-emotion"}]
+    manifest = _write_manifest(tmp_path / "manifest.jsonl", rows)
+    assert make_shards_main([str(manifest), str(tmp_path / "strict")]) == 0
+    printed = capsys.readouterr().out
+    assert "refused row 2: dialect 'xyz' is not in --dialects (egy, glf, lev, msa, nor)" in printed
+    assert "refused row 3: emotion 'bored' is not in --emotions (neutral, happy, sad, angry)" in printed
+    index = json.loads((tmp_path / "strict" / INDEX_FILE).read_text(encoding="utf-8"))
+    assert index["shards"]["train-000000.tar"]["labels"] == {"did": {"egy": 1}}
+    assert make_shards_main([str(manifest), str(tmp_path / "open"), "--dialects", "any", "--emotions", "any"]) == 0
+    assert "3 samples written" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        make_shards_main(["--help"])
+    assert "'any': accept every label" in capsys.readouterr().out
