@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,10 @@ class MetricsWriter:
 
     def __init__(self, out_dir: Path, tensorboard: bool):
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a", encoding="utf-8")
+        # Rows in the file, kept ones included: a checkpoint records it, and a resume cuts the
+        # file back to it (rows written after the checkpoint are written again by the resumed run).
+        self.rows = self._count_rows()
+        self.file = open(self.path, "a", encoding="utf-8")  # O_APPEND: writes land at the end after a cut
         self.tb = None
         if tensorboard:
             try:
@@ -204,10 +208,31 @@ class MetricsWriter:
             tmp.replace(path)
         return removed
 
+    def _count_rows(self) -> int:
+        if not self.path.exists():
+            return 0
+        return sum(1 for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    def keep_first_rows(self, rows: int) -> None:
+        """Cut the file back to its first `rows` rows: those a checkpoint had seen written."""
+        if rows >= self.rows:
+            return
+        self.file.flush()
+        size, kept = 0, 0
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                if kept == rows:
+                    break
+                size += len(line)
+                kept += line.strip() != b""
+        os.truncate(self.path, size)
+        self.rows = rows
+
     def write(self, row: dict) -> None:
         row = finite_or_none(row)  # strict JSON: a skipped step's NaN loss is written as null
         self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.tb is not None:
             step = row.get("step", 0)
             for key, value in _flatten(row).items():

@@ -124,8 +124,13 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------
     def per_rank_state(self) -> dict:
+        validation = getattr(self, "validation", None)
         return {"scheduler": self.scheduler.state_dict(), "train": self.state.__dict__.copy(),
-                "stream": self.stream.state_dict(), "previous_counts": getattr(self, "_previous_counts", {})}
+                "stream": self.stream.state_dict(), "previous_counts": getattr(self, "_previous_counts", {}),
+                # metrics rows written so far (rank 0) and the step last validated: a resume cuts
+                # metrics.jsonl back to exactly these rows, and does not validate that step twice
+                "metrics_rows": self.writer.rows if self.writer else None,
+                "last_eval_step": validation.last_step if validation is not None else None}
 
     def resume(self) -> bool:
         point = ckpt.find_resume_point(self.ckpt_root, self.cfg.checkpoint.resume)
@@ -136,6 +141,10 @@ class Trainer:
         self.state = TrainState(**per_rank["train"])
         self.stream.load_state_dict(per_rank["stream"])
         self._previous_counts = per_rank.get("previous_counts", {})
+        if self.writer is not None and per_rank.get("metrics_rows") is not None:
+            self.writer.keep_first_rows(per_rank["metrics_rows"])
+        if getattr(self, "validation", None) is not None:
+            self.validation.last_step = per_rank.get("last_eval_step")
         self.last_checkpoint = point
         self.log(f"resumed from {point} at step {self.state.step}")
         return True

@@ -90,3 +90,41 @@ def test_data_counts_of_a_two_rank_run_cover_both_ranks(cli_run):
     assert data["read"] == data["used"] + data["pending"] + sum(data["skipped"].values())
     last = [r for r in rows_of(cli_run) if "data" in r][-1]
     assert last["data"]["world_size"] == 2
+
+
+def test_resume_after_a_crash_rewrites_exactly_the_rows_written_after_its_checkpoint(demo_dir, tmp_path):
+    """hybrid: a checkpoint at step 3, a stage boundary at step 3 whose stage row and eval row are
+    written after that checkpoint. A crash later loses the later checkpoints; the resumed run must
+    leave metrics.jsonl as the uninterrupted run wrote it: no boundary eval twice, none missing."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def train(out):
+        cmd = [sys.executable, "engine/train.py", "--recipe", "hybrid", "max_steps=8", f"output_dir={out}",
+               f"data.demo_dir={demo_dir}", "data.max_tokens_per_batch=1024", "checkpoint.every=3", "checkpoint.keep=5",
+               "metrics.log_every=1", "eval.max_samples=2", "eval.max_new_tokens=2", "metrics.tensorboard=false",
+               "eval.at_end=false"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    def shape(rows):
+        return [(r.get("event", "train"), r["step"], r.get("stage"), round(r["loss"], 4) if r.get("loss") else None)
+                for r in rows]
+
+    straight = tmp_path / "straight"
+    train(straight)
+    want = rows_of(straight)
+    boundary = [r for r in want if r.get("event") == "eval" and r["step"] == 3]
+    assert len(boundary) == 1, "the recipe's stage boundary moved: pick the checkpoint step again"
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    for later in ("step_00000006", "step_00000008"):   # lost in the crash
+        shutil.rmtree(crashed / "checkpoints" / later)
+    proc = train(crashed)
+    assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
+    assert shape(rows_of(crashed)) == shape(want)
