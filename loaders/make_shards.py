@@ -213,7 +213,13 @@ def _check_targets(meta: dict) -> None:
     if tasks:
         return
     if "task" in meta:
-        raise RowRefused(f"task {meta['task']!r} is given but its target field is missing or empty")
+        named = meta["task"] if isinstance(meta["task"], list) else [meta["task"]]
+        needs = ", ".join(f"task {t} needs a non-empty {TARGET_FIELDS[t]!r}" for t in named if t in TARGET_FIELDS)
+        raise RowRefused(f"task {meta['task']!r} is given but its target is missing or empty ({needs})")
+    empty = [name for name in TARGET_FIELDS.values() if isinstance(meta.get(name), str) and not meta[name].strip()]
+    if empty:
+        raise RowRefused(f"no target: {', '.join(repr(n) for n in empty)} empty; give at least one non-empty "
+                         "text, summary, dialect or emotion")
     raise RowRefused("no target: give at least one of text, summary, dialect, emotion")
 
 

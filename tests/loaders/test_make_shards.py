@@ -164,7 +164,7 @@ def test_refused_rows_are_reported_with_row_and_reason(tmp_path, capsys):
     expected = {
         2: "does not exist", 3: "not readable by soundfile", 4: "empty (0 bytes)", 5: "no audio frames",
         6: "cut.flac", 7: "no target", 8: "not tar-safe", 9: "already used by row 1", 10: "not in --emotions",
-        11: "not valid JSON", 12: "unknown task 'translate'", 13: "target field is missing", 14: "must be a string",
+        11: "not valid JSON", 12: "unknown task 'translate'", 13: "its target is missing", 14: "must be a string",
         15: "missing 'audio'", 17: "is not named as one of",
     }
     refused_lines = [line for line in printed.splitlines() if line.startswith("refused row")]
@@ -232,3 +232,14 @@ def test_default_label_sets_are_enforced_and_any_turns_the_check_off(tmp_path, c
     with pytest.raises(SystemExit):
         make_shards_main(["--help"])
     assert "'any': accept every label" in capsys.readouterr().out
+
+
+def test_refused_targets_name_the_field_to_fill():
+    from loaders.make_shards import RowRefused, _check_targets
+
+    with pytest.raises(RowRefused, match=r"task 'did' is given .*\(task did needs a non-empty 'dialect'\)"):
+        _check_targets({"task": "did", "text": "نص"})
+    with pytest.raises(RowRefused, match="'text' empty"):
+        _check_targets({"text": "  "})
+    with pytest.raises(RowRefused, match="give at least one of text, summary, dialect, emotion"):
+        _check_targets({"lang": "ar"})
