@@ -81,7 +81,6 @@ class TrainState:
 @dataclass
 class StepStats:
     loss: float
-    per_task: dict
     targets: int  # target tokens, all ranks
     per_task_sums: dict  # task -> (loss sum, target tokens), all ranks
     grad_norm: float
@@ -92,6 +91,11 @@ class StepStats:
     data_s: float
     step_s: float
     extra: dict = field(default_factory=dict)
+
+    @property
+    def per_task(self) -> dict:
+        """Mean loss per task of this step (tasks with target tokens in it)."""
+        return {task: total / count for task, (total, count) in self.per_task_sums.items()}
 
 
 class Trainer:
@@ -228,7 +232,6 @@ class Trainer:
         loss_value = float(stats[0]) / max(global_targets, 1)
         per_task_sums = {t: (float(stats[1 + i]), float(stats[1 + len(TASKS) + i]))
                          for i, t in enumerate(TASKS) if stats[1 + len(TASKS) + i] > 0}
-        per_task = {t: total / count for t, (total, count) in per_task_sums.items()}
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
@@ -252,7 +255,7 @@ class Trainer:
                 f"{self.state.step}). Lower optim.lr, check the data for corrupt samples, or raise optim.max_bad_steps.")
         flops_total = torch.tensor([flops], dtype=torch.float64)
         flops_total = float(all_reduce_sum(flops_total.to(env.device)).cpu())
-        return StepStats(loss=loss_value, per_task=per_task, targets=global_targets, per_task_sums=per_task_sums,
+        return StepStats(loss=loss_value, targets=global_targets, per_task_sums=per_task_sums,
                          grad_norm=grad_norm, tokens=global_tokens,
                          slots=global_slots, flops=flops_total, skipped=not finite, data_s=data_s, step_s=time.perf_counter() - t0)
 
