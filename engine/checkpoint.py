@@ -92,9 +92,20 @@ def save_checkpoint(root: Path, step: int, model, optimizer, per_rank: dict, *, 
         meta = {"step": step, "world_size": world_size, "tokens": per_rank.get("train", {}).get("tokens"),
                 "config": config if config is not None else run_config_of(root)}
         (tmp / META).write_text(json.dumps(meta, ensure_ascii=False))
-        if final.exists():
-            shutil.rmtree(final)
-        commit_checkpoint(tmp, final)
+        replaced = None
+        if final.exists():  # a step written again: the old copy goes only once the new one is in place
+            replaced = root / f".step_{step:08d}.replaced"
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            final.rename(replaced)
+        try:
+            commit_checkpoint(tmp, final)
+        except BaseException:
+            if replaced is not None:  # the old copy stays the checkpoint of this step
+                replaced.rename(final)
+            raise
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         # Keep the one just written and the keep-1 latest others. By step, the one just written
         # is normally the latest; it is never rotated away even when it is not (plan_resume
         # refuses to write a lower step into a folder with later checkpoints: a second guard).
@@ -238,6 +249,10 @@ def may_change_on_resume(key: str, new: dict) -> bool:
     return any(key.startswith(c) if c.endswith(".") else key == c for c in CHANGEABLE_ON_RESUME)
 
 
+def changeable_settings_text() -> str:
+    return ", ".join(c + "*" if c.endswith(".") else c for c in CHANGEABLE_ON_RESUME)
+
+
 def fixed_settings_that_differ(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """(key, checkpoint's value, this run's value) for each fixed setting that changed. Keys one side
     lacks (settings added or removed between versions of the engine) cannot be compared."""
@@ -267,6 +282,11 @@ def plan_resume(out_dir: Path, cfg, world_size: int) -> tuple[Path | None, list[
         return None, []
     point = find_resume_point(root, resume)
     if point is None:
+        if (out_dir / "summary.json").exists():
+            raise CheckpointError(
+                f"output_dir={out_dir} holds a finished run (summary.json) but no checkpoint to continue from "
+                f"(none complete in {root}): starting again would overwrite its metrics, adapter and summary. Use a "
+                "new output_dir, or remove the old folder to train it again from step 0")
         return None, []
     meta = read_meta(point)
     later = [p.name for p in existing if step_of(p) > meta["step"]]
@@ -274,7 +294,8 @@ def plan_resume(out_dir: Path, cfg, world_size: int) -> tuple[Path | None, list[
         raise CheckpointError(
             f"checkpoint.resume={resume} continues from step {meta['step']}, but {root} already holds later "
             f"checkpoints ({', '.join(later)}): the new run's checkpoints and metrics would mix with them. Resume from "
-            "the latest (checkpoint.resume=auto), or copy the checkpoint into a new output_dir and resume there")
+            "the latest (checkpoint.resume=auto), or continue from this one into a new folder: "
+            f"checkpoint.resume={point} output_dir=<a new folder>")
     old = meta.get("config")
     if old is None:
         check_world_size(point, meta, world_size)
@@ -289,7 +310,7 @@ def plan_resume(out_dir: Path, cfg, world_size: int) -> tuple[Path | None, list[
         raise CheckpointError(
             f"checkpoint {point} belongs to a run with other settings, which cannot change on resume: {listed}. "
             "Resume with the checkpoint's values, or start a new run in a new output_dir (the settings that may change "
-            "on resume: max_steps, max_tokens, checkpoint.*, metrics.*, eval.*, profiler.*, kernel choices)")
+            f"on resume: {changeable_settings_text()})")
     check_world_size(point, meta, world_size)
     return point, budget_change_warnings(point, meta, old, cfg)
 
@@ -306,5 +327,7 @@ def budget_change_warnings(point: Path, meta: dict, old: dict, cfg) -> list[str]
     stage = (f"it stays in stage '{after.name}'" if before.name == after.name else
              f"it was in stage '{before.name}' ({', '.join(before.tasks)}) and resumes in stage '{after.name}' "
              f"({', '.join(after.tasks)})")
-    return [f"resuming {point} (step {step}) with max_steps {old_steps} -> {cfg.max_steps}, max_tokens {old_tokens} -> "
-            f"{cfg.max_tokens}: the cosine LR schedule and stages given as fractions of the run move; {stage}"]
+    changes = ", ".join(f"{name} {a} -> {b}" for name, a, b in (("max_steps", old_steps, cfg.max_steps),
+                                                              ("max_tokens", old_tokens, cfg.max_tokens)) if a != b)
+    return [f"resuming {point} (step {step}) with {changes}: the cosine LR schedule and stages given as fractions "
+            f"of the run move; {stage}"]

@@ -123,6 +123,10 @@ class DebugConfig:
     # would: how a multi-process job ends when one rank fails while the others wait in a collective.
     fail_on_rank: int = -1
     fail_at_step: int = 1
+    # This rank sends itself SIGTERM as the validation at step sigterm_in_eval_at_step begins
+    # (-1 = never): a preemption that lands in the middle of an evaluation.
+    sigterm_on_rank: int = -1
+    sigterm_in_eval_at_step: int = 1
 
 
 @dataclass
@@ -180,6 +184,10 @@ def load_config(recipe: str | None, overrides: list[str] | tuple[str, ...] = ())
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     cfg = build_dataclass(RunConfig, raw, prefix="")
+    for name in ("max_steps", "max_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} is negative: give a count, or 0 for no bound of that kind "
+                              "(max_steps=0 with max_tokens set ends the run by tokens alone)")
     if cfg.max_steps <= 0 and cfg.max_tokens <= 0:
         raise ConfigError("the run has no end: set max_steps (e.g. max_steps=1000) or max_tokens (e.g. max_tokens=5e6), "
                           "or both (the first reached ends the run)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -44,6 +46,9 @@ def prepare_output_dir(cfg: RunConfig, env: DistEnv) -> Path:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        # Written when this run ends or stops: a run in progress, or one that failed, has none
+        # (not an earlier segment's, which could say "stopped_by": "SIGTERM").
+        (out / "summary.json").unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -102,6 +107,24 @@ def inject_rank_failure(trainer: Trainer, cfg: RunConfig, env: DistEnv) -> None:
             raise RuntimeError(f"injected failure on rank {rank} after step {step} (debug.fail_on_rank={rank})")
 
     trainer.hooks["after_step"] = fail_after_step
+
+
+def inject_sigterm_in_eval(trainer: Trainer, cfg: RunConfig, env: DistEnv) -> None:
+    """debug.sigterm_on_rank: that rank gets SIGTERM as the validation at sigterm_in_eval_at_step
+    begins, while the other ranks do not (fault injection for tests; off by default)."""
+    rank, step = cfg.debug.sigterm_on_rank, cfg.debug.sigterm_in_eval_at_step
+    validation = getattr(trainer, "validation", None)
+    if rank != env.rank or validation is None:
+        return
+    validator = validation.validator
+    run = validator.run
+
+    def run_after_sigterm(**kwargs):
+        if kwargs["step"] == step and not trainer.signal_received:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run(**kwargs)
+
+    validator.run = run_after_sigterm
 
 
 def run_training(cfg: RunConfig) -> dict:
@@ -168,6 +191,7 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     trainer = Trainer(cfg, env, model, stream, schedule, out)
     attach_validation(trainer, cfg, env, model, tokenizer)
     inject_rank_failure(trainer, cfg, env)
+    inject_sigterm_in_eval(trainer, cfg, env)
     trainer.resume()
     with profiler_context(cfg, env, out) as prof:
         if prof is not None:

@@ -125,6 +125,7 @@ class Trainer:
         self.ended_stage: str | None = None  # the stage the step before a stage switch trained in
         self.stop_signal: str | None = None  # "SIGTERM" once every rank knows of one: checkpoint, stop
         self.signal_received = False  # set by the handler on this rank (stop_on_signals)
+        self.window = LogWindow()  # the steps since the last metrics row (kept in checkpoints)
 
     # --- state ---------------------------------------------------------------------------
     def per_rank_state(self) -> dict:
@@ -134,7 +135,10 @@ class Trainer:
                 # metrics rows written so far (rank 0) and the step last validated: a resume cuts
                 # metrics.jsonl back to exactly these rows, and does not validate that step twice
                 "metrics_rows": self.writer.rows if self.writer else None,
-                "last_eval_step": validation.last_step if validation is not None else None}
+                "last_eval_step": validation.last_step if validation is not None else None,
+                # a validation a SIGTERM abandoned at this step: the resumed run does it first
+                "pending_eval": validation.pending if validation is not None else None,
+                "log_window": self.window.state_dict()}
 
     def resume(self) -> bool:
         point = ckpt.find_resume_point(self.ckpt_root, self.cfg.checkpoint.resume)
@@ -149,8 +153,16 @@ class Trainer:
             self.writer.keep_first_rows(per_rank["metrics_rows"])
         if getattr(self, "validation", None) is not None:
             self.validation.last_step = per_rank.get("last_eval_step")
+            self.validation.pending = per_rank.get("pending_eval")
+        if per_rank.get("log_window"):
+            self.window = LogWindow.from_state(per_rank["log_window"])
         self.last_checkpoint = point
         self.log(f"resumed from {point} at step {self.state.step}")
+        if self.budget_reached():
+            budget = f"max_steps={self.cfg.max_steps}" if self.cfg.max_steps > 0 else f"max_tokens={self.cfg.max_tokens}"
+            self.log(f"this run is already complete ({budget} reached at step {self.state.step}): nothing left to "
+                     "train; finishing its outputs (final validation if not yet done, adapter, summary). Raise "
+                     "max_steps/max_tokens to train on")
         return True
 
     def save(self) -> None:
@@ -277,14 +289,17 @@ class Trainer:
             self.stop_signal = "SIGTERM"
         return self.stop_signal is not None
 
+    def budget_reached(self) -> bool:
+        """The run's end: max_steps or max_tokens reached."""
+        cfg, state = self.cfg, self.state
+        return (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (cfg.max_tokens > 0 and state.tokens >= cfg.max_tokens)
+
     def done(self) -> bool:
-        if self.stop_signal is not None:
+        """Stop training: the end of the run, a SIGTERM, or debug.stop_after_steps (which acts as a
+        preemption: it stops to be resumed)."""
+        if self.stop_signal is not None or self.budget_reached():
             return True
-        if self.cfg.max_steps > 0 and self.state.step >= self.cfg.max_steps:
-            return True
-        if 0 < self.cfg.debug.stop_after_steps <= self.state.step:
-            return True
-        return self.cfg.max_tokens > 0 and self.state.tokens >= self.cfg.max_tokens
+        return 0 < self.cfg.debug.stop_after_steps <= self.state.step
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -298,13 +313,16 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         start = time.perf_counter()
         wall_before = self.state.wall_s
-        window = LogWindow()
         profiler = self.hooks.get("profiler")
         with stop_on_signals(self):
+            self._run_pending_hook()
             while not self.done():
+                # A SIGTERM during setup, or during the previous step's hooks and checkpoint.
                 if self.stop_requested():
                     break
-                self.update_stage()
+                self.update_stage()  # may validate at a stage boundary (abandoned on SIGTERM)
+                if self.stop_signal is not None:
+                    break
                 stats = self.train_step()
                 self.last_stats = stats
                 self.state.step += 1
@@ -312,23 +330,44 @@ class Trainer:
                 self.state.slots += stats.slots
                 self.state.train_s += stats.step_s
                 self.state.wall_s = wall_before + time.perf_counter() - start
-                window.add(stats)
+                self.window.add(stats)
                 if profiler is not None:
                     profiler.step()
                 bar.update(1)
+                # Decided right after the step, before any evaluation: a stopping job has ~30 s
+                # (torchrun's grace period) for its checkpoint, not for a validation pass.
+                self.stop_requested()
                 if self.state.step % cfg.metrics.log_every == 0 or self.done():
-                    self._log_row(stats, window)
-                    window = LogWindow()
+                    self._log_row(stats, self.window)
+                    self.window = LogWindow()
+                if self.stop_signal is not None:
+                    break
                 if "after_step" in self.hooks:
                     self.hooks["after_step"](self)
                 if cfg.checkpoint.every > 0 and self.state.step % cfg.checkpoint.every == 0 and not self.done():
                     self.save()
             bar.close()
+            self.state.wall_s = wall_before + time.perf_counter() - start
             if self.stop_signal is not None:
                 self.log(f"{self.stop_signal} received: checkpoint at step {self.state.step}, then stop; "
                          "the same command resumes from it")
-            self.save()
+            if self._checkpoint_is_current():
+                self.log(f"checkpoint {self.last_checkpoint} already holds step {self.state.step}: not written again")
+            else:
+                self.save()
         return self.summary()
+
+    def _checkpoint_is_current(self) -> bool:
+        """Whether this run's checkpoint folder already holds the current step (a resumed run that
+        had nothing left to train, or a stop right after the resume)."""
+        last = self.last_checkpoint
+        return last is not None and last.parent == self.ckpt_root and ckpt.step_of(last) == self.state.step
+
+    def _run_pending_hook(self) -> None:
+        """Work a stopped run left undone at the step it resumes from (a validation pass that a
+        SIGTERM abandoned), run before the first new step."""
+        if "on_resume" in self.hooks and self.state.step > 0:
+            self.hooks["on_resume"](self)
 
     def _log_row(self, stats: StepStats, window: "LogWindow") -> None:
         secs = max(window.step_s, 1e-9)
@@ -404,6 +443,16 @@ class LogWindow:
         self.loss_sum, self.targets = 0.0, 0
         self.per_task: dict[str, list[float]] = {}  # task -> [loss sum, target tokens]
 
+    def state_dict(self) -> dict:
+        return {**self.__dict__, "per_task": {task: list(sums) for task, sums in self.per_task.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LogWindow":
+        window = cls()
+        window.__dict__.update(state)
+        window.per_task = {task: list(sums) for task, sums in state.get("per_task", {}).items()}
+        return window
+
     def add(self, stats: StepStats) -> None:
         self.steps += 1
         self.tokens += stats.tokens
@@ -437,6 +486,9 @@ def stop_on_signals(trainer: Trainer):
 
     def on_sigterm(signum, frame):
         if trainer.signal_received:
+            where = f"; resume from {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
+            print(f"[omnitrain] rank {trainer.env.rank}: second SIGTERM: stopping now, without a checkpoint{where}",
+                  flush=True)
             raise SystemExit(128 + signum)
         trainer.signal_received = True
         print(f"[omnitrain] rank {trainer.env.rank}: SIGTERM received, stopping after this step with a checkpoint "

@@ -242,6 +242,15 @@ def scalar_metrics(metrics_by_task: dict[str, dict]) -> dict[str, dict]:
 
 # --- the validator ------------------------------------------------------------------------
 
+class ValidationAbandoned(Exception):
+    """A validation pass stopped part-way (every rank at the same batch): the job is stopping."""
+
+
+def stop_if_asked(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise ValidationAbandoned
+
+
 class Validator:
     """Validation of one rank, in lockstep with the others (see the module docstring)."""
 
@@ -291,13 +300,14 @@ class Validator:
         self.banned_ids = banned_token_ids(self.tokenizer, int(self.model.lm_head.weight.shape[0]))
 
     # --- the two passes -----------------------------------------------------------------
-    def teacher_forced(self) -> tuple[dict, dict, int]:
+    def teacher_forced(self, should_stop=None) -> tuple[dict, dict, int]:
         """(val_loss per task, val_label_acc for did/ser, dummy batches of this rank)."""
         n = len(TASKS)
         # loss sums, token counts, first-token hits, rows with a first target; per task
         sums = torch.zeros(4 * n, dtype=torch.float64)
         dummies = 0
         for index in range(self.num_loss_batches):
+            stop_if_asked(should_stop)
             real = index < len(self.batches)
             batch = self.batches[index] if real else self.template
             out = self.model(to_device(batch, self.env.device), mode="eval")
@@ -317,10 +327,11 @@ class Validator:
                      if task in LABEL_ACCURACY_TASKS and sums[3 * n + i] > 0}
         return val_loss, label_acc, dummies
 
-    def generate(self) -> tuple[list[dict], int]:
+    def generate(self, should_stop=None) -> tuple[list[dict], int]:
         """(every rank's predictions in selection order, dummy batches of this rank)."""
         records, dummies = [], 0
         for index in range(self.num_gen_batches):
+            stop_if_asked(should_stop)
             real = index < len(self.gen_batches)
             batch = self.gen_batches[index] if real else self.gen_template
             generated = greedy_decode(self.model, batch, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
@@ -343,8 +354,10 @@ class Validator:
         labels = closed_label_sets(self.cfg.data.dialects, self.cfg.data.emotions)
         return score_records([PredictionRecord(r["task"], r["prediction"], r["reference"]) for r in records], labels)
 
-    def run(self, *, step: int, tokens: int, stage: str) -> dict | None:
-        """The ``"event": "eval"`` row (the same on every rank), or None when disabled."""
+    def run(self, *, step: int, tokens: int, stage: str, should_stop=None) -> dict | None:
+        """The ``"event": "eval"`` row (the same on every rank), or None when disabled.
+        ``should_stop``: asked before every batch, on every rank at the same batch (it may be a
+        collective, like the trainer's stop_requested); True abandons the pass (ValidationAbandoned)."""
         if not self.enabled:
             return None
         start = time.perf_counter()
@@ -352,8 +365,8 @@ class Validator:
         self.model.eval()
         try:
             with torch.no_grad():
-                val_loss, label_acc, loss_dummies = self.teacher_forced()
-                records, gen_dummies = self.generate()
+                val_loss, label_acc, loss_dummies = self.teacher_forced(should_stop)
+                records, gen_dummies = self.generate(should_stop)
         finally:
             self.model.train(was_training)
         self.last_records = records
@@ -382,19 +395,29 @@ def format_eval_line(row: dict) -> str:
 
 
 class TrainingValidation:
-    """Runs the validator from the trainer's hooks, at most once per step, and records the rows."""
+    """Runs the validator from the trainer's hooks, at most once per step, and records the rows.
+    A SIGTERM abandons a pass between batches (the job checkpoints and stops); the checkpoint
+    records it as pending and the resumed run validates that step first."""
 
     def __init__(self, validator: Validator, every: int):
         self.validator, self.every = validator, every
         self.last_step: int | None = None
         self.trained_stage: str | None = None  # the stage the latest step trained in
+        self.pending: dict | None = None  # {"step", "stage"} of an abandoned pass
 
     def validate(self, trainer, stage: str | None = None) -> dict | None:
         step = trainer.state.step
         if step == self.last_step:
             return trainer.last_eval
-        row = self.validator.run(step=step, tokens=trainer.state.tokens, stage=stage or trainer.stage_name())
-        self.last_step = step
+        stage = stage or trainer.stage_name()
+        try:
+            row = self.validator.run(step=step, tokens=trainer.state.tokens, stage=stage,
+                                     should_stop=trainer.stop_requested)
+        except ValidationAbandoned:
+            self.pending = {"step": step, "stage": stage}
+            trainer.log(f"validation at step {step} abandoned ({trainer.stop_signal}); the resumed run does it first")
+            return None
+        self.last_step, self.pending = step, None
         if row is not None:
             trainer.last_eval = row
             if trainer.writer is not None:
@@ -411,6 +434,12 @@ class TrainingValidation:
         # The model at a boundary is the product of the stage that just ended: label it so (the
         # trainer's record of it also holds right after a resume, before any step was trained).
         self.validate(trainer, stage=getattr(trainer, "ended_stage", None) or self.trained_stage)
+
+    def on_resume(self, trainer) -> None:
+        pending = self.pending
+        if pending is not None and pending["step"] == trainer.state.step:
+            trainer.log(f"validation at step {pending['step']} (abandoned when the run stopped) runs now")
+            self.validate(trainer, stage=pending["stage"])
 
 
 def _chain(first, second):
@@ -439,6 +468,7 @@ def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator
     trainer.validation = hooks
     trainer.hooks["after_step"] = _chain(trainer.hooks.get("after_step"), hooks.after_step)
     trainer.hooks["on_stage_change"] = _chain(trainer.hooks.get("on_stage_change"), hooks.on_stage_change)
+    trainer.hooks["on_resume"] = _chain(trainer.hooks.get("on_resume"), hooks.on_resume)
     return validator
 
 

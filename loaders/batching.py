@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from loaders.prompts import IGNORE_INDEX, shortest_example_tokens
+from loaders.shards import ShardError
 from loaders.tasks import TASK_IDS
 
 # Tasks with a closed label set and the DataConfig field holding it (as loaders.shards.LABELLED_TASKS).
@@ -22,6 +23,12 @@ _LABEL_SETTINGS = {"did": "dialects", "ser": "emotions"}
 LOOKAHEAD_BATCHES = 4
 
 
+class BatchBudgetError(ShardError):
+    """data.max_tokens_per_batch too small for any example of an active task. The same condition
+    a stream reports (ShardError) once every example it read was skipped as too_long_for_batch,
+    found up front; a ShardError so that the engine's CLI prints it as a one-line user error."""
+
+
 def padded_cost(lengths: list[int]) -> int:
     return len(lengths) * max(lengths) if lengths else 0
 
@@ -29,15 +36,16 @@ def padded_cost(lengths: list[int]) -> int:
 def check_budget_fits_tasks(cfg, tokenizer, tasks) -> None:
     """Fail at once when data.max_tokens_per_batch cannot hold even the shortest possible
     example of a task (one audio token, the shortest target): every example would be skipped
-    as too_long_for_batch."""
+    as too_long_for_batch. Raises BatchBudgetError naming the setting and the value it needs."""
     for task in tasks:
         labels = getattr(cfg, _LABEL_SETTINGS[task]) if task in _LABEL_SETTINGS else ()
         shortest = shortest_example_tokens(tokenizer, task, cfg.instruction_lang, labels)
         if cfg.max_tokens_per_batch < shortest:
-            raise ValueError(f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} cannot hold one {task} example: "
-                             f"the prompt of the shortest possible one (one audio token) has {shortest} tokens, and "
-                             f"real recordings add about 25 per second; raise data.max_tokens_per_batch well above "
-                             f"{shortest} or drop {task} from the mix")
+            raise BatchBudgetError(
+                f"data.max_tokens_per_batch={cfg.max_tokens_per_batch} cannot hold one {task} example: the prompt "
+                f"of the shortest possible one (one audio token) has {shortest} tokens, and real recordings add "
+                f"about 25 per second; raise data.max_tokens_per_batch well above {shortest} or drop {task} from "
+                "the mix")
 
 
 def select_micro_batch(lengths: list[int], budget: int) -> list[int]:

@@ -2,6 +2,7 @@
 
     python -m loaders.make_shards MANIFEST.jsonl OUT_DIR [--max-count N] [--max-size MB]
         [--prefix train] [--dialects egy,glf,...|any] [--emotions neutral,happy,...|any]
+        [--allow-refused]
 
 This is how a user brings a corpus (MGB-2, ADI-17, their own recordings). Each manifest row
 is a JSON object with ``audio`` (a local path; a relative path is resolved against the
@@ -18,7 +19,13 @@ first dot, so a key may not contain one). Labels are checked against the recipe 
 --emotions give other sets; ``any`` accepts every label (for a recipe whose data.dialects /
 data.emotions list labels of its own; training skips and counts labels outside them). Without a ``key`` the key is derived from the
 audio path relative to the manifest folder. Refused rows are listed with their row number
-and reason; the exit status is non-zero when nothing was written.
+and reason; the good rows are written all the same.
+
+Exit status (so that a script can tell a partial build from a clean one):
+    0  every row written (or some refused, with --allow-refused)
+    1  nothing written: every row was refused, or the manifest holds none
+    2  bad arguments, or the manifest does not exist
+    3  some rows refused, the others written (a partial build)
 
 Output: ``OUT_DIR/<prefix>-000000.tar`` ... with members ``<key>.json`` followed by
 ``<key>.<ext>`` (the audio file's bytes, unchanged, under its own extension), and
@@ -58,6 +65,11 @@ AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3", "oga", "aiff", "aif")
 SHARD_NAME_DIGITS = 6
 # Label fields whose values are counted in the index, by task.
 LABEL_FIELDS = {"did": "dialect", "ser": "emotion"}
+# Exit statuses of main (see the module docstring); 2 is also argparse's own for bad arguments.
+EXIT_ALL_WRITTEN = 0
+EXIT_NOTHING_WRITTEN = 1
+EXIT_BAD_ARGUMENTS = 2
+EXIT_SOME_REFUSED = 3
 
 
 # --- writing tars and the index (shared with loaders.demo_data) -----------------------------
@@ -384,7 +396,8 @@ def _label_list(text: str | None, default: tuple[str, ...]) -> tuple[str, ...] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loaders.make_shards", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loaders.make_shards", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", type=Path, help="JSONL manifest: one row per recording")
     parser.add_argument("out_dir", type=Path, help="folder for the tar shards and shards.json")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
@@ -396,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emotions", help=f"allowed emotion labels, comma-separated; rows with others are refused "
                                            f"(default: the recipe default {','.join(DEFAULT_EMOTIONS)}; "
                                            f"'{ANY_LABEL}': accept every label)")
+    parser.add_argument("--allow-refused", action="store_true",
+                        help=f"exit {EXIT_ALL_WRITTEN}, not {EXIT_SOME_REFUSED}, when some rows are refused and the "
+                             "others written (a partial build is accepted)")
     args = parser.parse_args(argv)
     if args.max_count < 1 or args.max_size <= 0:
         parser.error("--max-count must be at least 1 and --max-size above 0")
@@ -403,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prefix {args.prefix!r} may hold only letters, digits, '_' and '-'")
     if not args.manifest.is_file():
         print(f"error: manifest {args.manifest} does not exist", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGUMENTS
     labels = LabelSets(_label_list(args.dialects, DEFAULT_DIALECTS), _label_list(args.emotions, DEFAULT_EMOTIONS))
     for option, value in (("--dialects", labels.dialects), ("--emotions", labels.emotions)):
         if value is not None and not value:
@@ -412,10 +428,28 @@ def main(argv: list[str] | None = None) -> int:
     for row_number, reason in report.refused:
         print(f"refused row {row_number}: {reason}")
     print(f"{report.samples_written} samples written in {len(report.written)} shards, {len(report.refused)} rows refused")
+    return exit_status(report, args.manifest, args.allow_refused)
+
+
+EXIT_STATUS_HELP = f"""exit status:
+  {EXIT_ALL_WRITTEN}  every row written (or some refused, with --allow-refused)
+  {EXIT_NOTHING_WRITTEN}  nothing written: every row was refused, or the manifest holds none
+  {EXIT_BAD_ARGUMENTS}  bad arguments, or the manifest does not exist
+  {EXIT_SOME_REFUSED}  some rows refused, the others written (a partial build)"""
+
+
+def exit_status(report: ShardsReport, manifest: Path, allow_refused: bool) -> int:
+    """The exit status of a finished run (EXIT_STATUS_HELP), with its error line on stderr."""
     if not report.samples_written:
-        print(f"error: nothing written from {args.manifest}: every row was refused (reasons above)", file=sys.stderr)
-        return 1
-    return 0
+        why = "every row was refused (reasons above)" if report.refused else "the manifest holds no rows"
+        print(f"error: nothing written from {manifest}: {why}", file=sys.stderr)
+        return EXIT_NOTHING_WRITTEN
+    if report.refused and not allow_refused:
+        print(f"error: partial build: {len(report.refused)} rows of {manifest} refused (reasons above), the other "
+              f"{report.samples_written} written; fix those rows and run again, or pass --allow-refused to accept "
+              f"the shards without them (exit {EXIT_ALL_WRITTEN})", file=sys.stderr)
+        return EXIT_SOME_REFUSED
+    return EXIT_ALL_WRITTEN
 
 
 if __name__ == "__main__":

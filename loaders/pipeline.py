@@ -33,6 +33,10 @@ may have run ahead, restart from the saved state at the next step. A replay appl
 the same points, so they are exactly reproducible too. A resume must use the same rank, world size, num_workers and
 seed (the shard split depends on them).
 
+Bad-sample warnings: producers hold them and hand them over with their next example; the
+training process prints each (shard, key, reason) once per rank, although every worker meets a
+bad sample sooner or later (epochs reshuffle the shards) and workers restart on stage changes.
+
 Another sampler plugs in through ``sampler_factory(data_counts, source_weights, *, seed,
 slot, active_tasks, task_weights) -> Sampler`` (see loaders.stream for the protocol); such a
 stream cannot switch samplers. A sampler with a candidate pool sets ``max_rewind`` (examples
@@ -52,6 +56,7 @@ from loaders.embedding_refresh import RefreshedEmbeddings
 from loaders.packing import collate_packed, select_packed_row
 from loaders.rank_counts import add_counts
 from loaders.shards import LABELLED_TASKS, check_enough_shards, count_examples_by_shard, shard_order, sum_counts
+from loaders.skip_counting import SkipWarnings
 from loaders.sources import resolve_sources
 from loaders.stream import ExampleSource, source_weight
 from loaders.tasks import TASKS
@@ -67,7 +72,7 @@ class ExampleProducer:
     def __init__(self, cfg, tokenizer, sources, data_counts, sampler, *, slot, num_slots, seed, worker, rank=None):
         self.cfg, self.worker, self.sampler = cfg, worker, sampler
         self.source = ExampleSource(sources, cfg, tokenizer, data_counts, slot=slot, num_slots=num_slots, seed=seed,
-                                    max_rewind=getattr(sampler, "max_rewind", 0), rank=rank)
+                                    max_rewind=getattr(sampler, "max_rewind", 0), rank=rank, hold_warnings=True)
         self.ordinal = 0
 
     def state_dict(self) -> dict:
@@ -85,8 +90,9 @@ class ExampleProducer:
         embedding_version, is_stage]: each applies from the first group that starts after that
         ordinal, so a replay switches exactly where the original run did. ``live_switches``: the
         stream's own list (same content as the entry's), read as it grows, so that a producer in
-        the training process takes new switches without a restart (it never runs ahead)."""
-        skip, switches = set(), []
+        the training process takes new switches without a restart (it never runs ahead).
+        Each example carries ``skip_warnings``, held since the previous one, for the training process."""
+        skip, switches, held = set(), [], []
         if entry is not None:
             if entry["resume"] is not None:
                 self.load_state_dict(entry["resume"])
@@ -107,7 +113,12 @@ class ExampleProducer:
                 else:
                     self.sampler.set_tasks(active_tasks, task_weights)
             group_state, group_start = self.state_dict(), self.ordinal
-            examples = self.sampler.next_examples(self.source, self.cfg.max_tokens_per_batch)
+            try:
+                examples = self.sampler.next_examples(self.source, self.cfg.max_tokens_per_batch)
+            except Exception:
+                self.source.errors.print_held()   # no example will carry them: the error stops the stream
+                raise
+            held += self.source.errors.take_held()
             counts = self.source.counts()
             if hasattr(self.sampler, "counts"):
                 counts["sampler"] = self.sampler.counts()
@@ -121,6 +132,7 @@ class ExampleProducer:
                 example.group_state, example.group_start = group_state, group_start
                 example.group_end, example.counts_after = group_start + len(examples) - 1, counts
                 example.selected_together = together
+                example.skip_warnings, held = held, []
                 yield example
 
 
@@ -170,6 +182,7 @@ class TrainStream:
             raise ValueError(f"sampler {sampler!r}: expected one of {list(SAMPLERS)}")
         self._restart_pending = False
         self._loader_iter = None
+        self.skip_warnings = SkipWarnings(rank if world_size > 1 else None)
         sc = self.schedule_cfg
         self.refresh = RefreshedEmbeddings(sc.embedding_cache, sc.embedding_dim, sc.embedding_refresh_every)
         self._start({"workers": [None] * self.num_producers, "queue": [], "next_worker": 0,
@@ -252,6 +265,8 @@ class TrainStream:
                 item = next(self._loader_iter)
                 self.stash[item.origin[0]].append(item)
             example = self.stash[worker].popleft()
+        for reason, message, sample in example.skip_warnings:
+            self.skip_warnings.warn(reason, message, sample)
         if update_counts:
             self._last_example[worker] = example
             self.last_pulled[worker] = example.origin[1]

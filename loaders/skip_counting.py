@@ -3,8 +3,14 @@ yields nothing usable stopped with an error that says which setting to change.
 
 - ErrorCounter: one per slot (rank x DataLoader worker). Counts every skip *event* (a bad
   recording met again in a later epoch, or by another task's stream, is counted again: the
-  counts must add up with what was read), but prints a warning only the first time a
-  (shard, key, reason) is met; the first warning says so.
+  counts must add up with what was read), but warns only the first time a (shard, key,
+  reason) is met; the first warning says so.
+- SkipWarnings: prints each (shard, key, reason) once. The training stream's slots hold their
+  warnings (``hold_warnings``) instead of printing them: each epoch reshuffles the shards over
+  the slots, so every DataLoader worker of a rank meets the same bad sample sooner or later,
+  and workers restart on a curriculum stage change. The training process prints what its
+  producers hand over with their examples (loaders.pipeline) through one SkipWarnings per
+  rank, so a bad sample is printed once per rank.
 - UnusableRun: per stream reader, the skips since its last usable example. When whole
   epochs pass without one (every example too long for the batch, say), the stream would
   loop over the shards forever; it raises ShardError instead, naming the task, the main
@@ -43,16 +49,38 @@ class DataError(ValueError):
     """A bad sample, raised when data.on_error=raise (or data.strict for labels)."""
 
 
+class SkipWarnings:
+    """Prints a skip warning once per (shard, key, reason); the first warning says so."""
+
+    def __init__(self, rank: int | None = None):
+        self.prefix = f"[rank {rank}] " if rank is not None else ""
+        self.warned: set[tuple] = set()   # (shard, key, reason) already printed
+
+    def warn(self, reason: str, message: str, sample: tuple[str, str] | None = None) -> None:
+        """``sample``: (shard, key); None for a skip that names no sample (always printed)."""
+        if sample is not None:
+            if (*sample, reason) in self.warned:
+                return
+            if not self.warned:
+                message += (" (each bad sample is printed once per reason; when it is met again, in a later epoch, "
+                            "by another task or by another DataLoader worker, it is counted in the skip counts but "
+                            "not printed)")
+            self.warned.add((*sample, reason))
+        log.warning("%sskipped (%s): %s", self.prefix, reason, message)
+
+
 class ErrorCounter:
     """Counts skips by reason, warns once per (shard, key, reason), de-duplicates record-level
-    errors met by several task streams of a slot in the same epoch."""
+    errors met by several task streams of a slot in the same epoch. With ``hold_warnings`` the
+    warnings are kept (``take_held``) for the training process to print, not printed here."""
 
-    def __init__(self, on_error: str, rank: int | None = None):
-        self.on_error = on_error
-        self.prefix = f"[rank {rank}] " if rank is not None else ""
+    def __init__(self, on_error: str, rank: int | None = None, hold_warnings: bool = False):
+        self.on_error, self.rank = on_error, rank
         self.skipped: dict[str, int] = {}
         self.seen: set[tuple] = set()
-        self.warned: set[tuple] = set()   # (shard, key, reason) already printed
+        self.warnings = SkipWarnings(rank)
+        self.hold_warnings = hold_warnings
+        self.held: list[tuple] = []   # (reason, message, sample) not yet handed over
         self.silent = False  # True while a resume or rewind replays already-counted reads
 
     def report(self, reason: str, message: str, dedupe: tuple | None = None, *, force_raise: bool = False,
@@ -72,14 +100,25 @@ class ErrorCounter:
         return True
 
     def _warn(self, reason: str, message: str, sample: tuple[str, str] | None) -> None:
-        if sample is not None:
-            if (*sample, reason) in self.warned:
+        if not self.hold_warnings:
+            self.warnings.warn(reason, message, sample)
+            return
+        if sample is not None:   # hand each one over once from this slot; the receiver de-duplicates
+            if (*sample, reason) in self.warnings.warned:
                 return
-            if not self.warned:
-                message += (" (each bad sample is printed once per reason; when it is met again, in a later epoch "
-                            "or by another task, it is counted in the skip counts but not printed)")
-            self.warned.add((*sample, reason))
-        log.warning("%sskipped (%s): %s", self.prefix, reason, message)
+            self.warnings.warned.add((*sample, reason))
+        self.held.append((reason, message, sample))
+
+    def take_held(self) -> list[tuple]:
+        """The held warnings since the last call: [(reason, message, (shard, key) or None)]."""
+        held, self.held = self.held, []
+        return held
+
+    def print_held(self) -> None:
+        """Print the held warnings here (a slot that stops on an error hands nothing over)."""
+        printer = SkipWarnings(self.rank)
+        for reason, message, sample in self.take_held():
+            printer.warn(reason, message, sample)
 
     def prune(self, min_epoch: int) -> None:
         self.seen = {entry for entry in self.seen if entry[0] >= min_epoch}

@@ -46,9 +46,11 @@ read position at the block start plus how many of the block were handed out, so 
 re-reads at most one block and the sample sequence is exactly the uninterrupted one.
 
 Errors: each bad sample is skipped and counted by reason (``SKIP_REASONS``), with a warning
-naming shard and key the first time that (shard, key, reason) is met (loaders.skip_counting),
-or raised as DataError with on_error="raise". A stream whose whole epochs yield no usable
-example (all too long for the batch, say) raises ShardError naming the setting to change.
+naming shard and key the first time that (shard, key, reason) is met (loaders.skip_counting;
+with ``hold_warnings`` they wait in ``source.errors`` for the training process to print, see
+loaders.pipeline), or raised as DataError with on_error="raise". A stream whose whole epochs
+yield no usable example (all too long for the batch, say) raises ShardError naming the
+setting to change.
 A record-level error (no JSON, bad JSON, no target, unknown task, corrupt tar) met by several task streams
 of a slot is counted once per epoch; a stream started later (a new curriculum stage) counts
 what it reads itself. Counts add up: read = emitted + skipped + buffered (examples waiting in
@@ -304,7 +306,7 @@ class ExampleSource:
     """Per-(source, task, label) streams of prepared examples for one slot, created on first pull."""
 
     def __init__(self, sources: list[list[str]], cfg, tokenizer, data_counts: dict, *, slot: int, num_slots: int,
-                 seed: int, max_rewind: int = 0, rank: int | None = None):
+                 seed: int, max_rewind: int = 0, rank: int | None = None, hold_warnings: bool = False):
         self.sources, self.cfg, self.tokenizer = sources, cfg, tokenizer
         self.max_rewind = max_rewind  # how many examples per stream rewind() may step back
         # Per pulled stream "task/label": (source, reader.taken before the pull) of recent pulls,
@@ -313,7 +315,8 @@ class ExampleSource:
         self.replay_sources: dict[str, collections.deque] = {}
         self.data_counts = data_counts  # {source: {"tasks": {task: n}, "labels": {task: {label: n}}}}
         self.slot, self.num_slots, self.seed = slot, num_slots, seed
-        self.errors = ErrorCounter(cfg.on_error, rank)  # rank: named in the warnings (None with one rank)
+        # rank: named in the warnings (None with one rank)
+        self.errors = ErrorCounter(cfg.on_error, rank, hold_warnings=hold_warnings)
         self.readers: dict[str, StreamReader] = {}
         self.emitted = 0
         self.rng = np.random.default_rng([seed, slot, 7])

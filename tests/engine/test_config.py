@@ -77,6 +77,10 @@ def test_token_budget_runs_and_scientific_integers():
         load_config("random", ["max_steps=0"])
     with pytest.raises(ConfigError, match="max_tokens"):
         load_config("random", ["max_tokens=2.5"])
+    with pytest.raises(ConfigError, match="max_steps=-3 is negative"):
+        load_config("random", ["max_steps=-3"])
+    with pytest.raises(ConfigError, match="max_tokens=-1 is negative"):
+        load_config("random", ["max_steps=10", "max_tokens=-1"])
 
 
 @pytest.mark.parametrize("override, allowed", [

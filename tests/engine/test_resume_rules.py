@@ -55,6 +55,10 @@ def test_resuming_an_earlier_step_names_the_later_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="step_00000040") as e:
         plan_resume(out, make_cfg(out, f"checkpoint.resume={early}"), 1)
     assert "step 35" in str(e.value)
+    # the way out it names works: the earlier checkpoint continues into a new folder
+    assert f"checkpoint.resume={early} output_dir=" in str(e.value)
+    fresh = tmp_path / "fresh"
+    assert plan_resume(fresh, make_cfg(fresh, f"checkpoint.resume={early}"), 1)[0] == early
     point, warnings = plan_resume(out, make_cfg(out, "checkpoint.resume=auto"), 1)
     assert point.name == "step_00000040" and warnings == []
 
@@ -75,6 +79,10 @@ def test_a_changed_fixed_setting_is_refused_with_old_and_new_values(tmp_path, ch
     msg = str(e.value)
     assert f"{key}: " in msg and old in msg and new in msg, msg
     assert "step_00000040" in msg
+    # the message lists every setting that may change on resume, from the rule itself
+    changeable = msg.split("may change on resume: ")[1]
+    for setting in ckpt.CHANGEABLE_ON_RESUME:
+        assert (setting + "*" if setting.endswith(".") else setting) in changeable, setting
 
 
 def test_another_recipe_is_refused(tmp_path):
@@ -101,6 +109,23 @@ def test_a_longer_run_warns_which_stage_it_resumes_into(tmp_path):
     point, warnings = plan_resume(out, make_cfg(out, "max_steps=100", recipe="hybrid"), 1)
     assert point.name == "step_00000030" and len(warnings) == 1
     assert "max_steps 40 -> 100" in warnings[0] and "'ads'" in warnings[0] and "'asr+sum'" in warnings[0]
+    assert "max_tokens" not in warnings[0], "only the budget that changed is named"
+
+
+def test_a_finished_run_without_checkpoints_is_not_restarted_over(tmp_path):
+    """resume=auto in a folder whose run finished (summary.json) but whose checkpoints are gone would
+    train again from step 0 over its metrics, adapter and summary: refused. A folder with rows but no
+    summary (a crash before the first checkpoint) still restarts."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert plan_resume(out, make_cfg(out), 1) == (None, [])
+    (out / "summary.json").write_text('{"steps": 1}')
+    with pytest.raises(CheckpointError, match="finished run") as e:
+        plan_resume(out, make_cfg(out), 1)
+    assert "new output_dir" in str(e.value)
+    fake_checkpoint(out, 1, make_cfg(out))
+    assert plan_resume(out, make_cfg(out), 1)[0].name == "step_00000001"
 
 
 def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path):
@@ -143,6 +168,31 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000005", "step_00000040"]
     meta = ckpt.read_meta(final)
     assert meta["tokens"] == 99 and meta["config"]["lora"]["rank"] == 8  # the run folder's settings
+
+
+def test_writing_a_step_again_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    from engine.parallel import init_distributed
+
+    init_distributed()
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    root = tmp_path / "run" / "checkpoints"
+    (tmp_path / "run").mkdir()
+    save_config(make_cfg(tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    ckpt.save_checkpoint(root, 7, model, optimizer, {"train": {"tokens": 1}}, rank=0, world_size=1, keep=2)
+
+    def fail(tmp, final):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt, "commit_checkpoint", fail)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(root, 7, model, optimizer, {"train": {"tokens": 2}}, rank=0, world_size=1, keep=2)
+    # the failed rewrite leaves the old copy as the checkpoint of that step
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000007"]
+    assert ckpt.read_meta(root / "step_00000007")["tokens"] == 1
+    monkeypatch.undo()
+    final = ckpt.save_checkpoint(root, 7, model, optimizer, {"train": {"tokens": 3}}, rank=0, world_size=1, keep=2)
+    assert ckpt.read_meta(final)["tokens"] == 3
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".tmp")) == ["step_00000007"]
 
 
 def test_cli_refuses_before_writing_anything(cli_run, tmp_path):

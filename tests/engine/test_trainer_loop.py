@@ -69,6 +69,35 @@ def test_rows_average_the_loss_over_their_window(env, tmp_path):
     assert trainer.final_losses == rows[-1]["loss_per_task"]
 
 
+def test_a_row_after_a_resume_still_covers_its_whole_window(env, tmp_path):
+    """log_every=3, a checkpoint at step 2 (mid-window), a crash at step 3: the resumed run's row at
+    step 3 averages steps 1-3 (two from the checkpoint's window, one trained after the resume)."""
+    out = tmp_path / "run"
+    settings = ["max_steps=6", "checkpoint.every=2", "metrics.log_every=3"]
+    trainer, _ = make_trainer(env, out, settings)
+    before = []
+
+    def crash_at_3(t):
+        if t.state.step == 3:
+            raise RuntimeError("crash")
+        before.append((t.last_stats.loss, t.last_stats.targets, t.last_stats.tokens))
+    trainer.hooks["after_step"] = crash_at_3
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer.train()
+    trainer.close()
+    resumed, _ = make_trainer(env, out, settings)
+    after = []
+    resumed.hooks["after_step"] = lambda t: after.append((t.last_stats.loss, t.last_stats.targets,
+                                                          t.last_stats.tokens))
+    assert resumed.resume() and resumed.state.step == 2 and resumed.window.steps == 2
+    resumed.train()
+    resumed.close()
+    rows = [r for r in rows_of(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6] and [r["steps_in_row"] for r in rows] == [3, 3]
+    window = before[:2] + after[:1]
+    assert rows[0]["loss"] == pytest.approx(sum(l * n for l, n, _ in window) / sum(n for _, n, _ in window), rel=1e-9)
+
+
 def test_tokens_per_second_leaves_out_time_spent_outside_steps(env, tmp_path):
     out = tmp_path / "run"
     trainer, _ = make_trainer(env, out, ["max_steps=3", "checkpoint.every=0"])

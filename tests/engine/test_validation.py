@@ -272,10 +272,16 @@ class StubValidator:
     examples_per_rank = [4]
     n_generated = 2
 
+    batches = 3
+
     def __init__(self, *args, **kwargs):
         self.calls = []
 
-    def run(self, *, step, tokens, stage):
+    def run(self, *, step, tokens, stage, should_stop=None):
+        from engine.validation import stop_if_asked
+
+        for _ in range(self.batches):   # asked before every batch, as the real passes do
+            stop_if_asked(should_stop)
         self.calls.append((step, stage))
         return {"event": "eval", "step": step, "tokens": tokens, "stage": stage, "val_loss": {"asr": 1.0},
                 "val_label_acc": {}, "metrics": {"asr": {"wer": 1.0 / step}}, "n_generated": 2,
@@ -289,6 +295,15 @@ class StubTrainer:
         self.cfg, self.state, self.hooks, self.rows, self.lines = cfg, TrainState(), {}, [], []
         self.stage = "asr"
         self.writer = type("Writer", (), {"write": lambda _, row: self.rows.append(row)})()
+        self.stop_signal = None
+        self.stop_after_asks = None  # stop_requested() turns True after this many calls
+        self.asks = 0
+
+    def stop_requested(self):
+        self.asks += 1
+        if self.stop_after_asks is not None and self.asks > self.stop_after_asks:
+            self.stop_signal = "SIGTERM"
+        return self.stop_signal is not None
 
     def stage_name(self):
         return self.stage
@@ -346,3 +361,30 @@ def test_final_validation_runs_at_the_end_but_not_when_a_run_is_stopped_early(mo
     at_end_off, off_validator, _ = _stub_trainer(monkeypatch, "eval.at_end=false")
     at_end_off.state.step = 4
     assert final_validation(at_end_off) is None and off_validator.calls == []
+
+
+def test_a_sigterm_abandons_a_validation_and_the_resumed_run_does_it_first(monkeypatch):
+    """A SIGTERM in the middle of a pass (here before its second batch): no eval row, the step is
+    recorded as pending (what the checkpoint stores) and validated first after the resume."""
+    trainer, validator, _ = _stub_trainer(monkeypatch, "eval.every=2")
+    trainer.step_to(1)
+    trainer.stop_after_asks = trainer.asks + 1
+    trainer.step_to(2)
+    assert validator.calls == [] and trainer.rows == [] and trainer.asks == 2
+    assert trainer.validation.pending == {"step": 2, "stage": "asr"} and trainer.validation.last_step is None
+    assert any("validation at step 2 abandoned (SIGTERM)" in line for line in trainer.lines)
+
+    resumed, resumed_validator, _ = _stub_trainer(monkeypatch, "eval.every=2")
+    resumed.state.step, resumed.stage = 2, "asr+sum"   # the checkpoint's step; the stage moved on
+    resumed.validation.pending = dict(trainer.validation.pending)
+    resumed.hooks["on_resume"](resumed)
+    assert resumed_validator.calls == [(2, "asr")], "validated under the stage it was abandoned in"
+    assert resumed.validation.pending is None and [row["step"] for row in resumed.rows] == [2]
+    resumed.hooks["on_resume"](resumed)   # nothing pending any more: no second pass
+    assert resumed_validator.calls == [(2, "asr")]
+
+    elsewhere, other_validator, _ = _stub_trainer(monkeypatch, "eval.every=2")
+    elsewhere.state.step = 3   # pending for another step (not the one resumed from): not run
+    elsewhere.validation.pending = {"step": 2, "stage": "asr"}
+    elsewhere.hooks["on_resume"](elsewhere)
+    assert other_validator.calls == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import soundfile
 import webdataset as wds
 
-from loaders.make_shards import INDEX_FILE, main as make_shards_main, make_shards
+from loaders.make_shards import EXIT_SOME_REFUSED, INDEX_FILE, main as make_shards_main, make_shards
 from loaders.tasks import TASKS, UnknownTaskError, tasks_of_record
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "arabic-speech"
@@ -160,7 +162,7 @@ def test_refused_rows_are_reported_with_row_and_reason(tmp_path, capsys):
     manifest = _write_manifest(tmp_path / "manifest.jsonl", rows)
     code = make_shards_main([str(manifest), str(tmp_path / "out"), "--emotions", "neutral,happy,sad,angry"])
     printed = capsys.readouterr().out
-    assert code == 0
+    assert code == EXIT_SOME_REFUSED
     expected = {
         2: "does not exist", 3: "not readable by soundfile", 4: "empty (0 bytes)", 5: "no audio frames",
         6: "cut.flac", 7: "no target", 8: "not tar-safe", 9: "already used by row 1", 10: "not in --emotions",
@@ -183,6 +185,58 @@ def test_nothing_written_exits_non_zero(tmp_path, capsys):
     assert code != 0
     assert "refused row 1" in captured.out and "nothing written" in captured.err
     assert not (tmp_path / "out" / INDEX_FILE).exists()
+
+
+def _partial_manifest(tmp_path: Path) -> Path:
+    """Two good rows and one refused (its audio file is missing)."""
+    shutil.copy(ASSETS / CLIPS[1], tmp_path / "clip.flac")
+    return _write_manifest(tmp_path / "manifest.jsonl", [{"audio": "clip.flac", "text": "نص", "key": "one"},
+                                                         {"audio": "gone.flac", "text": "نص", "key": "gone"},
+                                                         {"audio": "clip.flac", "dialect": "egy", "key": "two"}])
+
+
+def test_exit_status_tells_a_partial_build_from_a_clean_one(tmp_path, capsys):
+    manifest = _partial_manifest(tmp_path)
+    assert make_shards_main([str(manifest), str(tmp_path / "partial")]) == 3
+    captured = capsys.readouterr()
+    assert "refused row 2: audio file" in captured.out and "does not exist" in captured.out
+    assert "2 samples written in 1 shards, 1 rows refused" in captured.out
+    assert "partial build: 1 rows" in captured.err and "--allow-refused" in captured.err
+    assert sorted(_read_tar(tmp_path / "partial" / "train-000000.tar")) == ["one", "two"]   # good rows still written
+    assert json.loads((tmp_path / "partial" / INDEX_FILE).read_text(encoding="utf-8"))["shards"][
+        "train-000000.tar"]["samples"] == 2
+
+    assert make_shards_main([str(manifest), str(tmp_path / "accepted"), "--allow-refused"]) == 0
+    captured = capsys.readouterr()
+    assert "refused row 2:" in captured.out and "2 samples written in 1 shards, 1 rows refused" in captured.out
+    assert captured.err == ""
+    shard = "train-000000.tar"
+    assert (tmp_path / "accepted" / shard).read_bytes() == (tmp_path / "partial" / shard).read_bytes()
+
+    clean = _write_manifest(tmp_path / "clean.jsonl", [{"audio": "clip.flac", "text": "نص", "key": "one"}])
+    assert make_shards_main([str(clean), str(tmp_path / "clean")]) == 0
+    assert "1 samples written in 1 shards, 0 rows refused" in capsys.readouterr().out
+    # --allow-refused accepts a partial build, never an empty one.
+    nothing = _write_manifest(tmp_path / "nothing.jsonl", [{"audio": "gone.flac", "text": "نص"}])
+    assert make_shards_main([str(nothing), str(tmp_path / "nothing"), "--allow-refused"]) == 1
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    assert make_shards_main([str(empty), str(tmp_path / "empty")]) == 1
+    assert "the manifest holds no rows" in capsys.readouterr().err
+
+
+def test_the_command_exits_3_on_a_partial_build_and_documents_it(tmp_path):
+    """The process status a shell script sees, and --help listing every status."""
+    manifest = _partial_manifest(tmp_path)
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "loaders.make_shards", str(manifest), str(tmp_path / "out")]
+    assert subprocess.run(command, cwd=repo, capture_output=True, timeout=120).returncode == 3
+    assert subprocess.run(command + ["--allow-refused"], cwd=repo, capture_output=True, timeout=120).returncode == 0
+    usage = subprocess.run([sys.executable, "-m", "loaders.make_shards", "--help"], cwd=repo, capture_output=True,
+                           text=True, timeout=120).stdout
+    for status in ("0  every row written", "1  nothing written", "2  bad arguments", "3  some rows refused"):
+        assert status in usage, usage
+    assert "--allow-refused" in usage
 
 
 def test_a_second_prefix_joins_the_index(real_manifest, tmp_path):
@@ -221,7 +275,7 @@ def test_default_label_sets_are_enforced_and_any_turns_the_check_off(tmp_path, c
             {"audio": "clip.flac", "dialect": "xyz", "key": "typo"},
             {"audio": "clip.flac", "emotion": "bored", "key": "odd-emotion"}]
     manifest = _write_manifest(tmp_path / "manifest.jsonl", rows)
-    assert make_shards_main([str(manifest), str(tmp_path / "strict")]) == 0
+    assert make_shards_main([str(manifest), str(tmp_path / "strict")]) == EXIT_SOME_REFUSED
     printed = capsys.readouterr().out
     assert "refused row 2: dialect 'xyz' is not in --dialects (egy, glf, lev, msa, nor)" in printed
     assert "refused row 3: emotion 'bored' is not in --emotions (neutral, happy, sad, angry)" in printed

@@ -2,9 +2,16 @@
 stops with an error naming the task, the reason and the setting to change, instead of
 re-reading the shards forever; also through DataLoader workers, and up front when the
 budget cannot hold even the shortest possible example."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from engine.tokenizer import build_tiny_tokenizer
+from engine.train import USER_ERROR_EXIT, user_error_classes
+from loaders.batching import BatchBudgetError
 from loaders.config import DataConfig
 from loaders.pipeline import TrainStream
 from loaders.prompts import shortest_example_tokens
@@ -14,6 +21,9 @@ from test_stream import bad_config, sample, wav_bytes, write_shard   # tests/loa
 
 # Stops a pre-fix endless loop; the fixed tests take about a second.
 HANG_GUARD_S = 60
+REPO = Path(__file__).resolve().parents[2]
+# The CLI run below stops before the first step (about 8 s on 2 cores); generous for a loaded machine.
+CLI_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +101,25 @@ def test_the_error_reaches_the_training_process_through_dataloader_workers(did_s
 def test_a_budget_below_the_shortest_prompt_fails_at_once_naming_the_task(did_shards, tokenizer):
     asr_only = shortest_example_tokens(tokenizer, "asr", "en") + 1
     cfg = DataConfig(train=did_shards, max_tokens_per_batch=asr_only)
-    with pytest.raises(ValueError, match=r"data\.max_tokens_per_batch=\d+ cannot hold one did example"):
+    with pytest.raises(BatchBudgetError, match=r"data\.max_tokens_per_batch=\d+ cannot hold one did example"):
         TrainStream(cfg, tokenizer, rank=0, world_size=1, grad_accum=1, seed=0)
     stream = TrainStream(cfg, tokenizer, rank=0, world_size=1, grad_accum=1, seed=0, active_tasks=["asr"])
-    with pytest.raises(ValueError, match="cannot hold one ser example"):
+    with pytest.raises(BatchBudgetError, match="cannot hold one ser example") as err:
         stream.set_tasks(["asr", "ser"])   # a curriculum stage that adds a task
     stream.close()
+    # The engine's CLI prints its user errors in one line (exit 2) instead of a traceback.
+    assert isinstance(err.value, user_error_classes())
+
+
+def test_the_cli_prints_a_too_small_budget_in_one_line_and_exits_2(did_shards, tmp_path):
+    shards = str(Path(did_shards[0]).parent / "d-{0..3}.tar")
+    proc = subprocess.run([sys.executable, "engine/train.py", "--recipe", "random", "max_steps=1",
+                           "data.max_tokens_per_batch=8", f"data.train={shards}", f"output_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == USER_ERROR_EXIT, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("omnitrain: error: data.max_tokens_per_batch=8 cannot hold one "), proc.stderr
+    assert "raise data.max_tokens_per_batch well above" in errors[0]
