@@ -173,14 +173,12 @@ class MetricsWriter:
         # file back to it (rows written after the checkpoint are written again by the resumed run).
         self.rows = self._count_rows()
         self.file = open(self.path, "a", encoding="utf-8")  # O_APPEND: writes land at the end after a cut
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
-            except Exception as e:  # tensorboard missing or broken: keep training, say so once
-                print(f"[omnitrain] TensorBoard disabled: {e}", flush=True)
+        self.tensorboard = tensorboard
+        self.tb_dir = Path(out_dir) / "tensorboard"
+        self.tb = None  # opened at the first row, once a resume has set purge_after_step
+        # A resumed run's step: TensorBoard hides the earlier runs' events after it (written
+        # after the checkpoint, then written again by this run), as metrics.jsonl is cut back.
+        self.purge_after_step: int | None = None
 
     @staticmethod
     def keep_rows_up_to(out_dir: Path, step: int) -> int:
@@ -233,15 +231,28 @@ class MetricsWriter:
         self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.file.flush()
         self.rows += 1
-        if self.tb is not None:
+        if self.tensorboard and self.tb is None:
+            self.tb = self._open_tensorboard()
+        if self.tb:
             step = row.get("step", 0)
             for key, value in _flatten(row).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.tb.add_scalar(key, value, step)
 
+    def _open_tensorboard(self):
+        """A SummaryWriter, or False when TensorBoard cannot be used (said once; training goes on)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if self.purge_after_step is None else self.purge_after_step + 1
+            return SummaryWriter(log_dir=str(self.tb_dir), purge_step=purge)
+        except Exception as e:  # tensorboard missing or broken
+            print(f"[omnitrain] TensorBoard disabled: {e}", flush=True)
+            return False
+
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
+        if self.tb:
             self.tb.close()
 
 

@@ -151,6 +151,8 @@ class Trainer:
         self._previous_counts = per_rank.get("previous_counts", {})
         if self.writer is not None and per_rank.get("metrics_rows") is not None:
             self.writer.keep_first_rows(per_rank["metrics_rows"])
+        if self.writer is not None:
+            self.writer.purge_after_step = self.state.step
         if getattr(self, "validation", None) is not None:
             self.validation.last_step = per_rank.get("last_eval_step")
             self.validation.pending = per_rank.get("pending_eval")

@@ -206,3 +206,23 @@ def test_cli_refuses_before_writing_anything(cli_run, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "lora.rank: 8 -> 4" in proc.stderr, proc.stderr[-3000:]
     assert (copy / "config.yaml").read_text() == before
+
+
+def test_tensorboard_hides_the_events_a_resumed_run_writes_again(tmp_path):
+    """A run logged steps 1-4 and crashed; its checkpoint is at step 2. The resumed run writes steps
+    3-4 again: TensorBoard must show each step once, with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (1, 2, 3, 4):
+        first.write({"step": step, "loss": 10.0 + step})
+    first.close()
+    resumed = MetricsWriter(tmp_path, tensorboard=True)
+    resumed.purge_after_step = 2   # what Trainer.resume sets
+    for step in (3, 4, 5):
+        resumed.write({"step": step, "loss": 20.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    seen = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert seen == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0), (5, 25.0)], seen
