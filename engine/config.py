@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A recipe or override the engine cannot use; the message says what to change."""
 
 
+class ModelPathError(ConfigError):
+    """model.path does not hold a usable Qwen2.5-Omni checkpoint (folder, files, weights, tokenizer)."""
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | 7b (random init, real shapes) ; ignored when path is set

@@ -22,7 +22,7 @@ from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditio
 
 from engine.attention import (apply_liger, llm_attention_mask, packed_hidden_states, resolve_attn_backend, resolve_liger,
                               set_attn_backend)
-from engine.config import LoRAConfig, LossConfig, ModelConfig
+from engine.config import LoRAConfig, LossConfig, ModelConfig, ModelPathError
 from engine.lora import apply_lora, apply_lora_grouping, lora_target_regex, resolve_lora_grouped
 from engine.target_rows import TargetRowsOnly, last_layer_position_wise, target_rows
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, tiny_vocab_rows
@@ -35,6 +35,7 @@ IGNORE_INDEX = -100
 # The thinker's rope-index code reads vision_start_token_id, which the thinker config alone
 # does not define; Qwen2.5-Omni's value (DESIGN.md, known traps).
 VISION_START_TOKEN_ID = 151652
+MISSING_KEYS_SHOWN = 5  # weight names quoted in the error for a checkpoint that lacks some
 # Mel bins of Qwen2.5-Omni's audio front end (WhisperFeatureExtractor(feature_size=128)).
 NUM_MEL_BINS = 128
 
@@ -165,16 +166,22 @@ def reinit_for_frozen_training(thinker: nn.Module) -> None:
 
 
 def load_checkpoint_thinker(path: str, *, dtype: torch.dtype, attn_impl: str):
-    """Load the thinker of a local Qwen2.5-Omni checkpoint without the vision tower's weights."""
+    """Load the thinker of a local Qwen2.5-Omni checkpoint without the vision tower's weights.
+
+    Either layout loads: a full Qwen2.5-Omni checkpoint as published (keys under "thinker.",
+    the talker's and token2wav's weights beside them, which are skipped) or a thinker saved
+    alone. Every weight the thinker trains with must come from the checkpoint: transformers
+    would initialise a missing one at random and only log it, and a LoRA run on a partly random
+    base model trains without an error and learns nothing useful."""
     from transformers import AutoConfig
 
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model.path={path} is not a folder; point it at a local Qwen2.5-Omni checkpoint")
+        raise ModelPathError(f"model.path={path} is not a folder; point it at a local Qwen2.5-Omni checkpoint")
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"model.path={path} has no config.json: not a Hugging Face checkpoint folder")
+        raise ModelPathError(f"model.path={path} has no config.json: not a Hugging Face checkpoint folder")
     if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"model.path={path} has no *.safetensors weight files (partial download?)")
+        raise ModelPathError(f"model.path={path} has no *.safetensors weight files (partial download?)")
     config = AutoConfig.from_pretrained(path)
     thinker_cfg = getattr(config, "thinker_config", config)
     # A one-block vision tower: the checkpoint's vision weights beyond it are skipped at load
@@ -183,13 +190,27 @@ def load_checkpoint_thinker(path: str, *, dtype: torch.dtype, attn_impl: str):
     thinker_cfg.vision_config.fullatt_block_indexes = [0]
     thinker_cfg.vision_start_token_id = VISION_START_TOKEN_ID
     try:
-        thinker = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-            path, config=thinker_cfg, dtype=dtype, attn_implementation=attn_impl)
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"could not load the thinker from model.path={path}: {e}. "
-                           "Check that the folder holds a complete Qwen2.5-Omni checkpoint (all shards listed in "
-                           "model.safetensors.index.json).") from e
+        thinker, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            path, config=thinker_cfg, dtype=dtype, attn_implementation=attn_impl, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelPathError(f"could not load the thinker from model.path={path}: {e}. Check that the folder holds a "
+                             "complete Qwen2.5-Omni checkpoint (all shards listed in model.safetensors.index.json).") from e
+    check_loaded_weights(path, thinker, info)
     return thinker
+
+
+def check_loaded_weights(path: str, thinker: nn.Module, info: dict) -> None:
+    """Refuse a load that left weights of the LLM, the audio encoder or lm_head at their random
+    init (the vision tower is removed after loading: its weights do not matter)."""
+    vision = "visual." if locate_parts(thinker).visual_owner is thinker else "model.visual."
+    missing = [key for key in info.get("missing_keys", []) if not key.startswith(vision)]
+    if missing:
+        shown = ", ".join(sorted(missing)[:MISSING_KEYS_SHOWN])
+        more = f" and {len(missing) - MISSING_KEYS_SHOWN} more" if len(missing) > MISSING_KEYS_SHOWN else ""
+        raise ModelPathError(
+            f"model.path={path}: {len(missing)} weight(s) of the thinker are not in the checkpoint ({shown}{more}); "
+            "they would start from random values. Is the download complete (every shard of "
+            "model.safetensors.index.json present), and is this a Qwen2.5-Omni checkpoint?")
 
 
 class OmniLoRAModel(nn.Module):

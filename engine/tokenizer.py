@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from engine.config import ModelPathError
+
 PAD_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 IM_START = "<|im_start|>"
@@ -73,15 +75,17 @@ def tiny_vocab_rows(tokenizer: PreTrainedTokenizerFast) -> int:
 def load_checkpoint_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer saved with a local Qwen2.5-Omni checkpoint, with a clear error if absent."""
     path = Path(path)
+    if not path.is_dir():
+        raise ModelPathError(f"model.path={path} is not a folder; point it at a local Qwen2.5-Omni checkpoint")
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"model.path={path} has no tokenizer files (tokenizer.json / tokenizer_config.json). "
             "Point model.path at a complete Qwen2.5-Omni checkpoint folder (as downloaded from the hub)."
         )
     tok = AutoTokenizer.from_pretrained(str(path))
     missing = [t for t in (IM_START, IM_END, AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
-        raise ValueError(f"the tokenizer at {path} lacks the Omni special tokens {missing}: is this a Qwen2.5-Omni checkpoint?")
+        raise ModelPathError(f"model.path={path}: its tokenizer lacks the Omni special tokens {missing}: is this a Qwen2.5-Omni checkpoint?")
     if tok.pad_token is None:
         tok.pad_token = PAD_TOKEN
     return tok

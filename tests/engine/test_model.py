@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.config import LoRAConfig, LossConfig, ModelConfig
+from engine.config import LoRAConfig, LossConfig, ModelConfig, ModelPathError
 from engine.model import build_model, build_thinker, locate_parts, text_position_ids
 from engine.tokenizer import AUDIO_TOKEN, build_tiny_tokenizer, load_checkpoint_tokenizer
 
@@ -65,9 +65,51 @@ def test_checkpoint_folder_loads_with_the_same_weights(tmp_path, tokenizer):
 
 def test_incomplete_checkpoint_folder_gets_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(ModelPathError, match="safetensors"):
         build_thinker(ModelConfig(path=str(tmp_path)), None, device=CPU, dtype=torch.float32)
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(ModelPathError, match="not a folder"):
         build_thinker(ModelConfig(path=str(tmp_path / "nope")), None, device=CPU, dtype=torch.float32)
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
+    with pytest.raises(ModelPathError, match="tokenizer"):
         load_checkpoint_tokenizer(tmp_path)
+
+
+# The published Qwen2.5-Omni checkpoints hold the whole model: the thinker's weights under
+# "thinker." in the original module layout, beside the talker's and token2wav's.
+PUBLISHED_LAYOUT = (("model.language_model.", "thinker.model."), ("model.audio_tower.", "thinker.audio_tower."),
+                    ("model.visual.", "thinker.visual."), ("lm_head.", "thinker.lm_head."))
+
+
+def write_published_layout(folder, thinker, tokenizer, drop: str | None = None):
+    """A full-model checkpoint folder (Qwen2_5OmniConfig, "thinker."-prefixed weights, a talker
+    weight) holding `thinker`'s weights; `drop`: a weight name left out, as a partial download."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5OmniConfig
+
+    def published(key):
+        return next(new + key[len(old):] for old, new in PUBLISHED_LAYOUT if key.startswith(old))
+    tensors = {published(k): v.contiguous().clone() for k, v in thinker.state_dict().items() if k != drop}
+    tensors["talker.model.embed_tokens.weight"] = torch.randn(7, 5)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_a_published_full_model_checkpoint_loads_the_thinker_and_skips_the_rest(tmp_path, tokenizer):
+    reference = build_thinker(ModelConfig(seed=5), tokenizer, device=CPU, dtype=torch.float32)
+    write_published_layout(tmp_path / "omni", reference, tokenizer)
+    loaded = build_thinker(ModelConfig(path=str(tmp_path / "omni")), None, device=CPU, dtype=torch.float32)
+    want, got = reference.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_not_filled_at_random(tmp_path, tokenizer):
+    reference = build_thinker(ModelConfig(seed=5), tokenizer, device=CPU, dtype=torch.float32)
+    dropped = "model.language_model.layers.1.mlp.down_proj.weight"
+    assert dropped in reference.state_dict()
+    write_published_layout(tmp_path / "omni", reference, tokenizer, drop=dropped)
+    with pytest.raises(ModelPathError, match="1 weight\\(s\\) of the thinker are not in the checkpoint") as e:
+        build_thinker(ModelConfig(path=str(tmp_path / "omni")), None, device=CPU, dtype=torch.float32)
+    assert dropped in str(e.value) and "model.safetensors.index.json" in str(e.value)
