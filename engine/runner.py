@@ -37,6 +37,15 @@ def say(env: DistEnv, msg: str) -> None:
         print(f"[omnitrain] {msg}", flush=True)
 
 
+def dtype_summary(model) -> str:
+    """e.g. "frozen bfloat16, trainable float32": what the base and the trained weights are held in."""
+    def names(params) -> str:
+        return "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params})) or "-"
+    params = list(model.parameters())
+    return (f"frozen {names(p for p in params if not p.requires_grad)}, "
+            f"trainable {names(p for p in params if p.requires_grad)}")
+
+
 def build_tokenizer(cfg: RunConfig):
     return load_checkpoint_tokenizer(cfg.model.path) if cfg.model.path else build_tiny_tokenizer()
 
@@ -170,7 +179,7 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
     say(env, f"model: Qwen2.5-Omni thinker ({source}), {n['total'] / 1e6:.2f}M parameters, "
              f"{n['trainable'] / 1e6:.3f}M trainable (LoRA r={cfg.lora.rank} on {len(model.lora_modules)} projections; "
              f"grouped q/k/v in {model.lora_grouping['qkv']} and gate/up/down in {model.lora_grouping['mlp']} of "
-             f"{len(model.llm.layers)} layers, lora.grouped={cfg.lora.grouped})")
+             f"{len(model.llm.layers)} layers, lora.grouped={cfg.lora.grouped}); weights: {dtype_summary(model)}")
     apply_parallelism(model, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
                       device=env.device, fsdp=cfg.model.fsdp)
     # Dropout and sampling differ per rank; everything is reproducible from cfg.seed.
