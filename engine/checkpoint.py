@@ -138,6 +138,9 @@ def find_resume_point(root: Path, resume: str) -> Path | None:
         found = list_checkpoints(Path(root))
         return found[-1] if found else None
     path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.resume={resume} does not exist; give a step_XXXXXXXX folder of a run's "
+                              "checkpoints/ (or checkpoint.resume=auto for the latest in output_dir)")
     if not (path / META).exists():
         raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint there (no {META}); "
                                 f"use checkpoint.resume=auto or a step_XXXXXXXX folder")

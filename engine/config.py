@@ -43,7 +43,7 @@ class ModelPathError(ConfigError):
 class ModelConfig:
     preset: str = "tiny"  # tiny | 7b (random init, real shapes) ; ignored when path is set
     path: str = ""  # local Hugging Face Qwen2.5-Omni checkpoint folder
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     train_audio_encoder: bool = False
     attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa_varlen | sdpa | eager (engine/attention.py)
     liger: bool | str = "auto"  # auto (on CUDA) | true | false: Liger's RMSNorm, SwiGLU, M-RoPE on the LLM
@@ -61,7 +61,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    impl: str = "auto"  # auto | triton | reference
+    impl: str = "auto"  # auto | triton | triton_gemm | reference | torch (kernels/lora.py IMPLS)
     # auto (= on) | true | false: q/k/v and gate/up/down of a layer as one grouped kernel call each
     # (engine/lora.py); layers whose targets are partial keep per-projection LoRA.
     grouped: bool | str = "auto"
@@ -212,6 +212,21 @@ def read_recipe_yaml(path: Path) -> object:
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {what}; fix the file "
                           "(or start from one of recipes/*.yaml)") from None
+
+
+def check_each_key_once(overrides: list[str] | tuple[str, ...]) -> None:
+    """Command-line overrides name each setting once: a repeated key is a mistake, most often an
+    unquoted brace range (`data.train=/d/train-{000000..000004}.tar`) that the shell expanded into
+    one argument per shard, of which the last alone would be kept."""
+    values: dict[str, list[str]] = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        values.setdefault(key.strip(), []).append(text)
+    for key, given in values.items():
+        if len(given) > 1:
+            shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
+            raise ConfigError(f"{key} is given {len(given)} times ({shown}); give each setting once. If the shell "
+                              f"expanded a brace range, quote it: '{key}=/path/train-{{000000..000511}}.tar'")
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -422,6 +437,38 @@ def validate_config(cfg: RunConfig) -> None:
     _at_least("eval.max_samples", cfg.eval.max_samples, 0)
     _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
     _check_schedule(cfg)
+    _check_source_weights(cfg)
+    _check_output_dir(cfg.output_dir)
+
+
+def _check_source_weights(cfg: RunConfig) -> None:
+    """data.weights: one positive weight per source of data.train (known before any shard is read)."""
+    from loaders.shards import expand_sources
+
+    weights = cfg.data.weights
+    if not weights:
+        return
+    train = cfg.data.train
+    sources = 1 if (not train.strip() if isinstance(train, str) else not list(train)) else len(expand_sources(train))
+    if len(weights) != sources:
+        raise ConfigError(f"config key 'data.weights': {list(weights)} has {len(weights)} entries for {sources} "
+                          "source(s) in data.train; give one weight per source (a list of URL sets in data.train "
+                          "is several sources)")
+    if any(not isinstance(w, (int, float)) or w <= 0 for w in weights):
+        raise ConfigError(f"config key 'data.weights': {list(weights)} must be positive numbers")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """output_dir must be a folder or creatable as one: not an existing file, nor under one."""
+    if not output_dir:
+        return
+    path = Path(output_dir)
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"is under {folder}, which is a file"
+                raise ConfigError(f"output_dir={output_dir} {where}; give a folder path (a new or an existing run folder)")
+            return
 
 
 def _check_schedule(cfg: RunConfig) -> None:

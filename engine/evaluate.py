@@ -447,21 +447,27 @@ def write_run_evaluation(run_dir: Path, records: list[dict], metrics_by_task: di
     return paths
 
 
+def run_label_sets(args: argparse.Namespace, cfg) -> dict[str, list[str]]:
+    """--run: the run's own closed label sets (its config.yaml), unless the command line gives others."""
+    return closed_label_sets(args.dialects or cfg.data.dialects, args.emotions or cfg.data.emotions)
+
+
 def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
     """--run: generate, score, write the files (main rank); returns the metrics there, else None."""
-    from engine.config import load_config
+    from engine.config import check_each_key_once, load_config
     from engine.parallel import close_distributed, init_distributed
 
     if args.max_samples is not None and args.max_samples < 1:
         raise RunFolderError(f"--max-samples {args.max_samples}: give a positive number, or leave it out for all")
     config_path, adapter_dir = check_run_folder(args.run, args.adapter)
+    check_each_key_once(args.overrides)
     cfg = _config_for_split(load_config(str(config_path), list(args.overrides)), args.split)
     env = init_distributed()
     try:
         records = generate_with_run(cfg, env, args.run, adapter_dir, split=args.split, max_samples=args.max_samples)
         if not env.is_main:
             return None
-        labels = closed_label_sets(args.dialects, args.emotions)
+        labels = run_label_sets(args, cfg)
         metrics_by_task = score_records([PredictionRecord(r["task"], r["prediction"], r["reference"])
                                          for r in records], labels, taa_marbuta=args.taa_marbuta)
         for path in write_run_evaluation(args.run, records, metrics_by_task, args.split):
@@ -494,9 +500,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="--run: settings over the run's config.yaml, e.g. data.val=/data/val-{0..3}.tar")
     parser.add_argument("--dialects", nargs="+", metavar="LABEL",
-                        help=f"closed label set of did (default: {' '.join(DEFAULT_DIALECTS)})")
+                        help=f"closed label set of did (default: --run: the run's data.dialects; "
+                             f"--predictions: {' '.join(DEFAULT_DIALECTS)})")
     parser.add_argument("--emotions", nargs="+", metavar="LABEL",
-                        help=f"closed label set of ser (default: {' '.join(DEFAULT_EMOTIONS)})")
+                        help=f"closed label set of ser (default: --run: the run's data.emotions; "
+                             f"--predictions: {' '.join(DEFAULT_EMOTIONS)})")
     parser.add_argument("--taa-marbuta", choices=TAA_MARBUTA_OPTIONS, default="keep",
                         help="keep ة, or map it to ه before comparing (default: keep)")
     return parser

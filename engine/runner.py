@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -206,12 +207,14 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
         if prof is not None:
             trainer.hooks["profiler"] = prof
         summary = trainer.train()
+    trained = time.perf_counter()
     summary["memory"] = memory_report(model, trainer.optimizer, env.device)
     say(env, format_memory_report(summary["memory"]))
     summary["eval"] = final_validation(trainer)
     adapter_dir = out / "adapter"
     ckpt.export_adapter(adapter_dir, model, rank=env.rank, lora_cfg=cfg.lora, base_model=cfg.model.path or None)
     summary["adapter_dir"] = str(adapter_dir)
+    summary["wall_s"] += time.perf_counter() - trained  # the final validation and adapter export too
     if hasattr(stream, "counts"):
         summary["data"] = gather_rank_counts(stream.counts())  # a collective: every rank
     if env.is_main:

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import ConfigError, available_recipes, load_config  # noqa: E402
+from engine.config import ConfigError, available_recipes, check_each_key_once, load_config  # noqa: E402
 
 # Exit code of a run refused or stopped for a reason its message explains (argparse's code too).
 USER_ERROR_EXIT = 2
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. optim.lr=2e-4 max_steps=50")
     args = parser.parse_args(argv)
     try:
+        check_each_key_once(args.overrides)
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         print(f"omnitrain: error: {rank_label()}{e}", file=sys.stderr, flush=True)

@@ -138,6 +138,7 @@ class Trainer:
                 "last_eval_step": validation.last_step if validation is not None else None,
                 # a validation a SIGTERM abandoned at this step: the resumed run does it first
                 "pending_eval": validation.pending if validation is not None else None,
+                "last_eval": getattr(self, "last_eval", None),  # for summary.json of a resumed finished run
                 "log_window": self.window.state_dict()}
 
     def resume(self) -> bool:
@@ -156,6 +157,7 @@ class Trainer:
         if getattr(self, "validation", None) is not None:
             self.validation.last_step = per_rank.get("last_eval_step")
             self.validation.pending = per_rank.get("pending_eval")
+            self.last_eval = per_rank.get("last_eval")
         if per_rank.get("log_window"):
             self.window = LogWindow.from_state(per_rank["log_window"])
         self.last_checkpoint = point
@@ -353,10 +355,15 @@ class Trainer:
             if self.stop_signal is not None:
                 self.log(f"{self.stop_signal} received: checkpoint at step {self.state.step}, then stop; "
                          "the same command resumes from it")
+            elif self.budget_reached() and "on_end" in self.hooks:
+                # Before the final checkpoint, which then records it: a resume of the finished
+                # run does not validate again, and a longer run keeps this eval row.
+                self.hooks["on_end"](self)
             if self._checkpoint_is_current():
                 self.log(f"checkpoint {self.last_checkpoint} already holds step {self.state.step}: not written again")
             else:
                 self.save()
+        self.state.wall_s = wall_before + time.perf_counter() - start  # the final checkpoint included
         return self.summary()
 
     def _checkpoint_is_current(self) -> bool:
@@ -473,7 +480,9 @@ class LogWindow:
 
     def losses(self) -> tuple[float, dict]:
         loss = self.loss_sum / self.targets if self.targets else float("nan")
-        return loss, {task: total / count for task, (total, count) in self.per_task.items() if count}
+        # In TASKS order whatever order the tasks first appeared in: log lines line up row to row.
+        return loss, {task: self.per_task[task][0] / self.per_task[task][1] for task in TASKS
+                      if self.per_task.get(task, (0.0, 0))[1]}
 
 
 @contextlib.contextmanager

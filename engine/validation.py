@@ -1,7 +1,7 @@
 """Validation during training: teacher-forced loss, label accuracy and a bounded generation pass.
 
     validator = attach_validation(trainer, cfg, env, model, tokenizer)   # after building the Trainer
-    summary["eval"] = final_validation(trainer)                          # after trainer.train()
+    summary["eval"] = final_validation(trainer)   # after trainer.train(), which validated at the end
 
 One validation (``Validator.run``) does, on every rank at once:
   1. teacher forcing over this rank's validation batches (``shards[rank::world_size]``): loss
@@ -435,6 +435,11 @@ class TrainingValidation:
         # trainer's record of it also holds right after a resume, before any step was trained).
         self.validate(trainer, stage=getattr(trainer, "ended_stage", None) or self.trained_stage)
 
+    def on_end(self, trainer) -> None:
+        """The end of the run (max_steps / max_tokens reached): the final validation, if eval.at_end."""
+        if trainer.cfg.eval.at_end:
+            self.validate(trainer, stage=self.trained_stage)
+
     def on_resume(self, trainer) -> None:
         pending = self.pending
         if pending is not None and pending["step"] == trainer.state.step:
@@ -452,6 +457,20 @@ def _chain(first, second):
     return both
 
 
+def labels_sharing_a_first_token(tokenizer, data_cfg) -> list[str]:
+    """did/ser labels whose responses begin with the same token: first-token label accuracy
+    (val_label_acc) cannot tell them apart, e.g. "ary" and "arz" under a character tokenizer."""
+    from loaders.prompts import first_target_token
+
+    clashes = []
+    for task, labels in (("did", data_cfg.dialects), ("ser", data_cfg.emotions)):
+        by_token: dict[int, list[str]] = {}
+        for label in labels or ():
+            by_token.setdefault(first_target_token(tokenizer, label), []).append(label)
+        clashes += [f"{task}: {', '.join(group)}" for group in by_token.values() if len(group) > 1]
+    return clashes
+
+
 def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator:
     """Validate every ``eval.every`` steps and at each curriculum stage switch; hooks already
     registered on the trainer still run (first)."""
@@ -464,30 +483,25 @@ def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator
     trainer.log(f"validation: {sum(validator.examples_per_rank)} examples (per rank {validator.examples_per_rank}), "
                 f"generation on {validator.n_generated}, every {cfg.eval.every or 'stage boundary'} "
                 f"step(s){', and at the end' if cfg.eval.at_end else ''}")
+    clashes = labels_sharing_a_first_token(tokenizer, cfg.data)
+    if clashes:
+        trainer.log(f"note: val_label_acc checks a label's first token, and these labels share theirs ({'; '.join(clashes)}): "
+                    "it counts them as one; the generation metrics (accuracy, macro_f1) tell them apart")
     hooks = TrainingValidation(validator, cfg.eval.every)
     trainer.validation = hooks
     trainer.hooks["after_step"] = _chain(trainer.hooks.get("after_step"), hooks.after_step)
     trainer.hooks["on_stage_change"] = _chain(trainer.hooks.get("on_stage_change"), hooks.on_stage_change)
     trainer.hooks["on_resume"] = _chain(trainer.hooks.get("on_resume"), hooks.on_resume)
+    trainer.hooks["on_end"] = _chain(trainer.hooks.get("on_end"), hooks.on_end)
     return validator
 
 
-def reached_the_end(trainer) -> bool:
-    """Training ended at max_steps / max_tokens, not at debug.stop_after_steps (which acts as a
-    preempted job: it stops to be resumed, and a preempted job gets no final validation)."""
-    cfg, state = trainer.cfg, trainer.state
-    return (cfg.max_steps > 0 and state.step >= cfg.max_steps) or (cfg.max_tokens > 0 and state.tokens >= cfg.max_tokens)
-
-
 def final_validation(trainer) -> dict | None:
-    """Validate the final model (when eval.at_end, the run reached its end and it was not
-    validated at this step already); returns the last eval row's metrics per task for
-    summary.json, or None without validation."""
-    hooks = getattr(trainer, "validation", None)
-    if hooks is None:
+    """The last eval row's metrics per task, for summary.json (None without validation). The
+    final validation itself runs in the trainer's ``on_end`` hook (when eval.at_end and the run
+    reached max_steps / max_tokens, not at debug.stop_after_steps, which acts as a preemption),
+    before the final checkpoint, so that the checkpoint records it."""
+    if getattr(trainer, "validation", None) is None:
         return None
-    if trainer.cfg.eval.at_end and reached_the_end(trainer):
-        hooks.validate(trainer, stage=hooks.trained_stage)
     row = getattr(trainer, "last_eval", None)
     return row["metrics"] if row else None
-

@@ -97,6 +97,11 @@ def target_token_count(tokenizer, target: str) -> int:
     return len(_encode(tokenizer, target))
 
 
+def first_target_token(tokenizer, target: str) -> int:
+    """The first label token of a response ``target`` (what validation's label accuracy checks)."""
+    return _encode(tokenizer, target)[0]
+
+
 def build_prompt_ids(tokenizer, *, instruction: str, target: str, n_audio_tokens: int) -> PromptIds:
     """input_ids and labels of one example; labels cover exactly the response + <|im_end|>."""
     prompt = _encode(tokenizer, prompt_text(instruction, n_audio_tokens))

@@ -114,3 +114,30 @@ def test_cli_prints_validation_errors_in_one_line_and_exits_2():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("omnitrain: error: ") and "lora.rank" in proc.stderr
+
+
+def test_output_dir_that_is_a_file_or_under_one_is_refused(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config("random", [f"output_dir={afile}"])
+    with pytest.raises(ConfigError, match="which is a file"):
+        load_config("random", [f"output_dir={afile}/run"])
+    assert load_config("random", [f"output_dir={tmp_path}/new/run"]).output_dir == f"{tmp_path}/new/run"
+
+
+def test_source_weights_are_checked_against_the_sources_before_any_shard_is_read(tmp_path):
+    two = f"data.train=[[{tmp_path}/a-000000.tar],[{tmp_path}/b-000000.tar]]"   # the shards need not exist yet
+    with pytest.raises(ConfigError, match="1 entries for 2 source"):
+        load_config("random", [two, "data.weights=[1]"])
+    with pytest.raises(ConfigError, match="positive"):
+        load_config("random", [two, "data.weights=[1, 0]"])
+    assert load_config("random", [two, "data.weights=[3, 1]"]).data.weights == [3, 1]
+
+
+def test_each_command_line_key_once():
+    from engine.config import check_each_key_once
+
+    check_each_key_once(["max_steps=3", "optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match="max_steps is given 2 times"):
+        check_each_key_once(["max_steps=3", "optim.lr=1e-3", "max_steps=4"])

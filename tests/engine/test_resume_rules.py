@@ -226,3 +226,12 @@ def test_tensorboard_hides_the_events_a_resumed_run_writes_again(tmp_path):
     events.Reload()
     seen = [(e.step, e.value) for e in events.Scalars("loss")]
     assert seen == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0), (5, 25.0)], seen
+
+
+def test_a_resume_path_that_does_not_exist_says_so(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        plan_resume(out, make_cfg(out, f"checkpoint.resume={tmp_path / 'nope'}"), 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint there"):
+        plan_resume(out, make_cfg(out, f"checkpoint.resume={tmp_path / 'empty'}"), 1)

@@ -75,3 +75,17 @@ def test_a_broken_recipe_yaml_is_one_line_and_exit_2(tmp_path):
     recipe.write_text("max_steps: 3\nlora:\n  rank: [8\n")
     proc = cli(["--recipe", str(recipe)])
     assert_one_line_error(proc, "broken.yaml", "line")
+
+
+def test_a_setting_given_twice_is_refused_not_last_one_wins(tmp_path):
+    """An unquoted brace range is expanded by the shell into one data.train=... per shard; keeping the
+    last would train on one shard without a word."""
+    shards = [f"data.train={tmp_path}/train-{i:06d}.tar" for i in range(5)]
+    proc = cli(["--recipe", "random", "max_steps=2", *shards, f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "data.train is given 5 times", "quote it")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_path_problems_are_one_line_and_exit_2(tmp_path):
+    proc = cli(["--recipe", "random", "max_steps=2", f"model.path={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "model.path=", "is not a folder")

@@ -19,6 +19,10 @@ def test_two_process_run_writes_everything_a_user_expects(cli_run):
     assert summary["tokens"] > 0 and summary["tokens_per_sec"] > 0
     assert set(summary["final_loss_per_task"]) <= {"asr", "sum", "did", "ser"} and summary["final_loss_per_task"]
     rows = read_metrics(cli_run)
+    # wall_s holds the training steps and every validation pass, the final one included
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert evals and evals[-1]["step"] == CLI_STEPS
+    assert summary["wall_s"] >= summary["train_s"] + sum(r["eval_s"] for r in evals)
     assert rows[0] == {"event": "stage", "step": 0, "tokens": 0, "stage": "random", "tasks": ["asr", "sum", "did", "ser"]}
     steps = step_rows(cli_run)
     assert [r["step"] for r in steps] == list(range(1, CLI_STEPS + 1))

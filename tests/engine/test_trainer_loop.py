@@ -98,6 +98,23 @@ def test_a_row_after_a_resume_still_covers_its_whole_window(env, tmp_path):
     assert rows[0]["loss"] == pytest.approx(sum(l * n for l, n, _ in window) / sum(n for _, n, _ in window), rel=1e-9)
 
 
+@pytest.mark.parametrize("ending, expected", [
+    (["max_steps=3"], [("end", 3), ("save", 3)]),                       # the end: validated, then checkpointed
+    (["max_steps=6", "debug.stop_after_steps=3"], [("save", 3)]),        # a stop to be resumed: no final eval
+])
+def test_the_final_validation_runs_before_the_final_checkpoint(env, tmp_path, ending, expected):
+    """So that the checkpoint records it: a resumed finished run does not validate again, and a run
+    continued with a larger max_steps keeps that eval row (rows after a checkpoint are cut on resume)."""
+    trainer, _ = make_trainer(env, tmp_path / "run", ["checkpoint.every=0", *ending])
+    calls = []
+    trainer.hooks["on_end"] = lambda t: calls.append(("end", t.state.step))
+    real_save = trainer.save
+    trainer.save = lambda: (calls.append(("save", trainer.state.step)), real_save())
+    trainer.train()
+    trainer.close()
+    assert calls == expected
+
+
 def test_tokens_per_second_leaves_out_time_spent_outside_steps(env, tmp_path):
     out = tmp_path / "run"
     trainer, _ = make_trainer(env, out, ["max_steps=3", "checkpoint.every=0"])

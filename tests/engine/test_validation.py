@@ -339,6 +339,7 @@ def test_hooks_validate_every_n_steps_and_at_stage_switches_once_per_step(monkey
     trainer.step_to(2, stage="asr+sum")  # every=2 and a stage switch at the same step: one eval
     trainer.step_to(3, stage="all")
     trainer.step_to(4)
+    trainer.hooks["on_end"](trainer)
     assert final_validation(trainer) == {"asr": {"wer": 0.25}}  # already validated at step 4
     assert validator.calls == [(2, "asr"), (3, "asr+sum"), (4, "all")]
     assert [row["step"] for row in trainer.rows] == [2, 3, 4] and trainer.last_eval["step"] == 4
@@ -346,20 +347,21 @@ def test_hooks_validate_every_n_steps_and_at_stage_switches_once_per_step(monkey
     assert any(line.startswith("eval @ step 3") for line in trainer.lines)
 
 
-def test_final_validation_runs_at_the_end_but_not_when_a_run_is_stopped_early(monkeypatch):
+def test_final_validation_runs_at_the_end_unless_eval_at_end_is_off(monkeypatch):
     from engine.validation import final_validation
 
     trainer, validator, _ = _stub_trainer(monkeypatch)  # eval.every=0: boundaries and end only
     trainer.step_to(1)
     trainer.step_to(2)
-    assert validator.calls == []
+    assert validator.calls == [] and final_validation(trainer) is None
     trainer.state.step = 4
+    trainer.hooks["on_end"](trainer)
     assert final_validation(trainer) == {"asr": {"wer": 0.25}} and validator.calls == [(4, "asr")]
-    stopped, stopped_validator, _ = _stub_trainer(monkeypatch, "debug.stop_after_steps=2")
-    stopped.step_to(2)
-    assert final_validation(stopped) is None and stopped_validator.calls == []
+    trainer.hooks["on_end"](trainer)   # e.g. a resumed finished run: the step is validated already
+    assert validator.calls == [(4, "asr")]
     at_end_off, off_validator, _ = _stub_trainer(monkeypatch, "eval.at_end=false")
     at_end_off.state.step = 4
+    at_end_off.hooks["on_end"](at_end_off)
     assert final_validation(at_end_off) is None and off_validator.calls == []
 
 
@@ -388,3 +390,28 @@ def test_a_sigterm_abandons_a_validation_and_the_resumed_run_does_it_first(monke
     elsewhere.validation.pending = {"step": 2, "stage": "asr"}
     elsewhere.hooks["on_resume"](elsewhere)
     assert other_validator.calls == []
+
+
+def test_evaluate_run_scores_against_the_runs_own_label_sets():
+    """A run trained with data.dialects=[ary,arz] is scored against those labels, not the defaults;
+    --dialects on the command line still wins."""
+    from engine.config import load_config
+    from engine.evaluate import build_argument_parser, run_label_sets
+
+    cfg = load_config("random", ["data.dialects=[ary,arz]"])
+    args = build_argument_parser().parse_args(["--run", "somewhere"])
+    assert run_label_sets(args, cfg)["did"] == ["ary", "arz"]
+    assert run_label_sets(args, cfg)["ser"] == list(cfg.data.emotions)
+    args = build_argument_parser().parse_args(["--run", "somewhere", "--dialects", "egy", "lev"])
+    assert run_label_sets(args, cfg)["did"] == ["egy", "lev"]
+
+
+def test_labels_that_share_a_first_token_are_named():
+    from engine.config import load_config
+    from engine.tokenizer import build_tiny_tokenizer
+    from engine.validation import labels_sharing_a_first_token
+
+    tokenizer = build_tiny_tokenizer()   # one token per character
+    assert labels_sharing_a_first_token(tokenizer, load_config("random").data) == []
+    cfg = load_config("random", ["data.dialects=[ary,arz,egy]", "data.emotions=[happy,hopeful,sad]"])
+    assert labels_sharing_a_first_token(tokenizer, cfg.data) == ["did: ary, arz", "ser: happy, hopeful"]
