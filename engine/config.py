@@ -214,19 +214,25 @@ def read_recipe_yaml(path: Path) -> object:
                           "(or start from one of recipes/*.yaml)") from None
 
 
-def check_each_key_once(overrides: list[str] | tuple[str, ...]) -> None:
-    """Command-line overrides name each setting once: a repeated key is a mistake, most often an
-    unquoted brace range (`data.train=/d/train-{000000..000004}.tar`) that the shell expanded into
-    one argument per shard, of which the last alone would be kept."""
+def check_repeated_keys(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Command-line overrides that name a setting twice: the last one wins (scripts append to a
+    base command line), said in a returned note, except for shard lists. A repeated shard list is
+    an unquoted brace range (`data.train=/d/train-{000000..000004}.tar`) that the shell expanded
+    into one argument per shard, of which the last alone would be kept: an error."""
     values: dict[str, list[str]] = {}
     for item in overrides:
         key, _, text = item.partition("=")
         values.setdefault(key.strip(), []).append(text)
+    notes = []
     for key, given in values.items():
-        if len(given) > 1:
-            shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
-            raise ConfigError(f"{key} is given {len(given)} times ({shown}); give each setting once. If the shell "
-                              f"expanded a brace range, quote it: '{key}=/path/train-{{000000..000511}}.tar'")
+        if len(given) < 2:
+            continue
+        shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
+        if key in ("data.train", "data.val") or any(".tar" in text for text in given):
+            raise ConfigError(f"{key} is given {len(given)} times ({shown}); a shard list is one argument. If the "
+                              f"shell expanded a brace range, quote it: '{key}=/path/train-{{000000..000511}}.tar'")
+        notes.append(f"{key} is given {len(given)} times ({shown}): the last, {given[-1]}, is used")
+    return notes
 
 
 def parse_override(item: str) -> tuple[str, object]:

@@ -454,13 +454,14 @@ def run_label_sets(args: argparse.Namespace, cfg) -> dict[str, list[str]]:
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
     """--run: generate, score, write the files (main rank); returns the metrics there, else None."""
-    from engine.config import check_each_key_once, load_config
+    from engine.config import check_repeated_keys, load_config
     from engine.parallel import close_distributed, init_distributed
 
     if args.max_samples is not None and args.max_samples < 1:
         raise RunFolderError(f"--max-samples {args.max_samples}: give a positive number, or leave it out for all")
     config_path, adapter_dir = check_run_folder(args.run, args.adapter)
-    check_each_key_once(args.overrides)
+    for note in check_repeated_keys(args.overrides):
+        print(f"note: {note}", file=sys.stderr)
     cfg = _config_for_split(load_config(str(config_path), list(args.overrides)), args.split)
     env = init_distributed()
     try:

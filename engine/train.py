@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import ConfigError, available_recipes, check_each_key_once, load_config  # noqa: E402
+from engine.config import ConfigError, available_recipes, check_repeated_keys, load_config  # noqa: E402
 
 # Exit code of a run refused or stopped for a reason its message explains (argparse's code too).
 USER_ERROR_EXIT = 2
@@ -78,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. optim.lr=2e-4 max_steps=50")
     args = parser.parse_args(argv)
     try:
-        check_each_key_once(args.overrides)
+        notes = check_repeated_keys(args.overrides)
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
         print(f"omnitrain: error: {rank_label()}{e}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"[omnitrain] note: {note}", flush=True)
 
     from engine.runner import run_training
 

@@ -135,9 +135,11 @@ def test_source_weights_are_checked_against_the_sources_before_any_shard_is_read
     assert load_config("random", [two, "data.weights=[3, 1]"]).data.weights == [3, 1]
 
 
-def test_each_command_line_key_once():
-    from engine.config import check_each_key_once
+def test_a_repeated_key_is_noted_and_a_repeated_shard_list_refused():
+    from engine.config import check_repeated_keys
 
-    check_each_key_once(["max_steps=3", "optim.lr=1e-3"])
-    with pytest.raises(ConfigError, match="max_steps is given 2 times"):
-        check_each_key_once(["max_steps=3", "optim.lr=1e-3", "max_steps=4"])
+    assert check_repeated_keys(["max_steps=3", "optim.lr=1e-3"]) == []
+    assert check_repeated_keys(["max_steps=3", "optim.lr=1e-3", "max_steps=4"]) == [
+        "max_steps is given 2 times (3, 4): the last, 4, is used"]
+    with pytest.raises(ConfigError, match="data.val is given 2 times"):
+        check_repeated_keys(["data.val=/d/val-000000.tar", "data.val=/d/val-000001.tar"])
