@@ -191,9 +191,12 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
         say(env, f"schedule: {line}")
     uses_ads = any(stage.sampler == "ads" for stage in schedule.stages)
     if uses_ads:   # compiled now (seconds) rather than inside the first ADS step
-        from loaders.ads import compile_k_center
+        from loaders.ads import absent_labels_note_for, compile_k_center
 
         compile_k_center()
+        note = absent_labels_note_for(cfg.data, stream.data_counts)
+        if note:   # decided from the data's counts now, not when the first ADS stage starts
+            say(env, note)
     if cfg.model.train_audio_encoder and uses_ads:
         attach_aligner_refresh(model, stream)
         say(env, f"ADS embeddings: refreshed from the training forward (trainable audio encoder), handed to ADS "

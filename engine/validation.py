@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from engine.evaluate import PredictionRecord, closed_label_sets, score_records
 from engine.parallel import DistEnv, all_reduce_sum
+from loaders.rank_counts import merge_rank_counts
 from engine.tokenizer import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, IM_END, PAD_TOKEN
 from engine.trainer import to_device
 from loaders.tasks import TASKS
@@ -262,6 +263,9 @@ class Validator:
         self.max_generated = cfg.eval.max_samples if max_generated is None else max_generated
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.batches = build_val_batches(cfg.data, tokenizer, rank=env.rank, world_size=env.world_size)
+        # The validation set's counts over every rank: read = used + skipped (by reason)
+        merged = merge_rank_counts(all_gather_objects(self.batches.counts))
+        self.val_data = {key: merged[key] for key in ("records", "read", "used", "skipped")}
         counts = all_gather_objects(len(self.batches))
         self.examples_per_rank = all_gather_objects(sum(len(b["keys"]) for b in self.batches))
         self.enabled = max(counts) > 0
@@ -374,7 +378,8 @@ class Validator:
                                                         device=self.env.device)).item())
         return {"event": "eval", "step": step, "tokens": tokens, "stage": stage, "val_loss": val_loss,
                 "val_label_acc": label_acc, "metrics": scalar_metrics(self.score(records)),
-                "n_val_examples": sum(self.examples_per_rank), "n_generated": len(records),
+                "n_val_examples": sum(self.examples_per_rank), "val_data": self.val_data,
+                "n_generated": len(records),
                 "dummy_batches": dummy_batches, "eval_s": time.perf_counter() - start}
 
 
@@ -480,6 +485,11 @@ def attach_validation(trainer, cfg, env: DistEnv, model, tokenizer) -> Validator
         trainer.log(f"validation disabled ({validator.disabled_reason}); set data.val to validation shards "
                     "to get eval rows")
         return validator
+    skipped = validator.val_data["skipped"]
+    if skipped:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+        trainer.log(f"validation data: {sum(skipped.values())} of {validator.val_data['read']} examples skipped "
+                    f"({reasons}); the eval rows' val_data has the counts")
     trainer.log(f"validation: {sum(validator.examples_per_rank)} examples (per rank {validator.examples_per_rank}), "
                 f"generation on {validator.n_generated}, every {cfg.eval.every or 'stage boundary'} "
                 f"step(s){', and at the end' if cfg.eval.at_end else ''}")

@@ -9,7 +9,8 @@ embeddings they compare in loaders.embeddings):
    labels). ADS balances *by drawing*: active tasks get equal shares (or the stage's weights)
    and inside did/ser each present label gets an equal share of its task, exactly over every
    window of ``window`` draws (remainders carried to the next window); the order inside a
-   window is a seeded shuffle. Random (natural) mixing draws streams in proportion to the data.
+   window is a seeded shuffle. A configured label the data's counts show no example of is absent
+   (no stream, ``absent_labels``). Random (natural) mixing draws streams in proportion to the data.
 2. Selection (``k_center_select`` numba, ``k_center_select_reference`` NumPy): greedy
    farthest-point (k-center) choice of a micro-batch from a candidate pool under per-group
    quotas and a token budget. Both compute exact integer distances on 16-bit fixed-point unit
@@ -29,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from numba import njit
 
+from loaders.shards import LABELLED_TASKS
 from loaders.tasks import DEFAULT_DIALECTS, DEFAULT_EMOTIONS, TASKS
 
 StreamId = tuple  # (task, label or None)
@@ -74,28 +76,81 @@ def natural_counts_from_data_counts(data_counts: Mapping) -> dict:
     return total
 
 
+def label_counts_known(task: str, natural_counts: Mapping[StreamId, int] | None) -> bool:
+    """Whether ``natural_counts`` say how many examples each label of ``task`` has. shards.json
+    (and the JSON scan without it) list only the labels that occur, so a label missing beside
+    others of its task, or beside a task count of 0, has none. Without a per-label breakdown for
+    a task that has examples (or without counts at all) nothing is known."""
+    return natural_counts is not None and (natural_counts.get((task, None)) == 0 or any(
+        stream[0] == task and stream[1] is not None for stream in natural_counts))
+
+
+def absent_labels(tasks: Sequence[str], labels: Mapping[str, Sequence[str]] | None,
+                  natural_counts: Mapping[StreamId, int] | None) -> dict[str, list[str]]:
+    """Per label-balanced task of ``tasks``: its configured labels known to have no example."""
+    labels = {**LABEL_BALANCED_TASKS, **(labels or {})}
+    absent = {task: [l for l in labels[task] if natural_counts.get((task, l), 0) <= 0] for task in tasks
+              if task in LABEL_BALANCED_TASKS and label_counts_known(task, natural_counts)}
+    return {task: missing for task, missing in absent.items() if missing}
+
+
+# The recipe keys that hold each label-balanced task's label set (loaders.config.DataConfig).
+LABEL_SET_KEYS = {task: f"data.{field}" for task, field in LABELLED_TASKS.items()}
+
+
+def absent_labels_note(labels: Mapping[str, Sequence[str]] | None,
+                       natural_counts: Mapping[StreamId, int] | None) -> str | None:
+    """One line for the start of a run: which configured labels have no training example, that
+    ADS balances over the rest, and how to silence it; None when every label has data. A task
+    with no example at all is not a label matter (no sampler draws it) and is not mentioned."""
+    labels = {**LABEL_BALANCED_TASKS, **(labels or {})}
+    parts, settings = [], []
+    for task, missing in absent_labels(list(LABEL_BALANCED_TASKS), labels, natural_counts).items():
+        present = [l for l in labels[task] if l not in missing]
+        if present:
+            parts.append(f"{task} labels {', '.join(missing)} of {LABEL_SET_KEYS[task]} have no training examples; "
+                         f"ADS balances {task} over {', '.join(present)}")
+            settings.append(f"{LABEL_SET_KEYS[task]}=[{','.join(present)}]")
+    if not parts:
+        return None
+    return f"data: {'; '.join(parts)} (to silence this, set {' '.join(settings)} to the labels you have)"
+
+
+def absent_labels_note_for(data_cfg, data_counts: Mapping) -> str | None:
+    """absent_labels_note from a DataConfig (data.dialects / data.emotions) and TrainStream's
+    ``data_counts``: what a run prints at its start when a stage uses ADS."""
+    labels = {task: list(getattr(data_cfg, field)) for task, field in LABELLED_TASKS.items()}
+    return absent_labels_note(labels, natural_counts_from_data_counts(data_counts))
+
+
 def balanced_streams(tasks: Sequence[str], labels: Mapping[str, Sequence[str]] | None = None,
                      task_weights: Mapping[str, float] | None = None,
                      natural_counts: Mapping[StreamId, int] | None = None) -> tuple[list, np.ndarray, list]:
     """ADS streams and target shares: equal (or weighted) per task, equal per present label.
 
-    A label whose natural count is known to be 0 has no stream (returned in ``absent``).
+    A configured label known to have no example (``absent_labels``: a label the counts of its
+    task leave out counts as 0) has no stream and is returned in ``absent``; so is a task known
+    to have no example (as ``(task, None)``, or all its labels), whose share goes to the other
+    tasks. Where the counts say nothing about a task's labels, all its labels get a stream.
     """
     labels = {**LABEL_BALANCED_TASKS, **(labels or {})}
-    weights = np.array([float((task_weights or {}).get(task, 1.0)) for task in tasks])
-    weights /= weights.sum()
+    missing = absent_labels(tasks, labels, natural_counts)
     streams, shares, absent = [], [], []
-    for task, task_share in zip(tasks, weights):
+    for task in tasks:
+        task_share = float((task_weights or {}).get(task, 1.0))
         if task not in LABEL_BALANCED_TASKS:
+            if natural_counts is not None and natural_counts.get((task, None)) == 0:
+                absent.append((task, None))
+                continue
             streams.append((task, None)), shares.append(task_share)
             continue
-        present = [l for l in labels[task] if natural_counts is None or natural_counts.get((task, l), 1) > 0]
-        absent += [(task, l) for l in labels[task] if l not in present]
-        if not present:
-            raise ADSError(f"task {task!r} is active but none of its labels {list(labels[task])} has samples; "
-                           "remove it from the stage or add data")
+        present = [l for l in labels[task] if l not in missing.get(task, [])]
+        absent += [(task, l) for l in missing.get(task, [])]
         streams += [(task, label) for label in present]
-        shares += [task_share / len(present)] * len(present)
+        shares += [task_share / len(present) for _ in present]
+    if not streams or np.sum(shares) <= 0:
+        raise ADSError(f"none of the stage's tasks {', '.join(tasks)} has training examples (with a label of "
+                       "data.dialects / data.emotions for did / ser); add data or change the stage's tasks")
     return streams, np.asarray(shares) / np.sum(shares), absent
 
 

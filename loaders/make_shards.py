@@ -24,8 +24,10 @@ and reason; the good rows are written all the same.
 Exit status (so that a script can tell a partial build from a clean one):
     0  every row written (or some refused, with --allow-refused)
     1  nothing written: every row was refused, or the manifest holds none
-    2  bad arguments, or the manifest does not exist
+    2  bad arguments: the manifest does not exist, or OUT_DIR cannot be a folder of shards
+       (it is a file, lies under a file, or cannot be written)
     3  some rows refused, the others written (a partial build)
+    4  writing failed part-way (disk full, say): the shards of this run are incomplete
 
 Output: ``OUT_DIR/<prefix>-000000.tar`` ... with members ``<key>.json`` followed by
 ``<key>.<ext>`` (the audio file's bytes, unchanged, under its own extension), and
@@ -70,6 +72,7 @@ EXIT_ALL_WRITTEN = 0
 EXIT_NOTHING_WRITTEN = 1
 EXIT_BAD_ARGUMENTS = 2
 EXIT_SOME_REFUSED = 3
+EXIT_WRITE_FAILED = 4
 
 
 # --- writing tars and the index (shared with loaders.demo_data) -----------------------------
@@ -386,6 +389,31 @@ def _read_existing_index(out_dir: Path) -> dict:
     return {name: entry for name, entry in shards.items() if (out_dir / name).is_file()}
 
 
+def out_dir_problem(out_dir: Path, prefix: str) -> str | None:
+    """Why OUT_DIR cannot receive shards (said before any row is read), or None. It need not
+    exist yet (it is created with the first shard), but the nearest existing folder on its
+    path must be a writable folder, and nothing in it may be a folder where a shard or
+    shards.json is to be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"{out_dir} is a file, not a folder; give a folder for the shards (it is created if missing)"
+    existing = out_dir
+    while not existing.exists():
+        if existing.is_symlink():
+            return f"{existing} is a broken link; give a folder for the shards"
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{out_dir} lies under {existing}, which is a file, not a folder; give a folder for the shards "
+                "(it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable, so {out_dir} cannot receive shards; give a folder you can write to"
+    if existing == out_dir:
+        blocked = [p.name for p in [out_dir / INDEX_FILE, *out_dir.glob(f"{prefix}-*.tar")] if p.is_dir()]
+        if blocked:
+            return (f"{out_dir} holds folder(s) named like its outputs ({', '.join(sorted(blocked))}); "
+                    "move them away or give another folder")
+    return None
+
+
 def _label_list(text: str | None, default: tuple[str, ...]) -> tuple[str, ...] | None:
     """--dialects / --emotions: absent -> the recipe default; "any" -> None (no check)."""
     if text is None:
@@ -424,7 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     for option, value in (("--dialects", labels.dialects), ("--emotions", labels.emotions)):
         if value is not None and not value:
             parser.error(f"{option} names no labels; give comma-separated labels or '{ANY_LABEL}'")
-    report = make_shards(args.manifest, args.out_dir, args.max_count, args.max_size, args.prefix, labels)
+    problem = out_dir_problem(args.out_dir, args.prefix)
+    if problem:
+        print(f"error: OUT_DIR: {problem}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    try:
+        report = make_shards(args.manifest, args.out_dir, args.max_count, args.max_size, args.prefix, labels)
+    except OSError as exc:
+        print(f"error: writing shards into {args.out_dir} failed: {exc.strerror or exc} "
+              f"({exc.filename or args.out_dir}); shards.json was not updated and any shard this run wrote is "
+              "incomplete: fix the folder (or free space) and run again", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     for row_number, reason in report.refused:
         print(f"refused row {row_number}: {reason}")
     print(f"{report.samples_written} samples written in {len(report.written)} shards, {len(report.refused)} rows refused")
@@ -434,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
 EXIT_STATUS_HELP = f"""exit status:
   {EXIT_ALL_WRITTEN}  every row written (or some refused, with --allow-refused)
   {EXIT_NOTHING_WRITTEN}  nothing written: every row was refused, or the manifest holds none
-  {EXIT_BAD_ARGUMENTS}  bad arguments, or the manifest does not exist
-  {EXIT_SOME_REFUSED}  some rows refused, the others written (a partial build)"""
+  {EXIT_BAD_ARGUMENTS}  bad arguments: the manifest does not exist, or OUT_DIR cannot be a folder of shards
+     (it is a file, lies under a file, or cannot be written)
+  {EXIT_SOME_REFUSED}  some rows refused, the others written (a partial build)
+  {EXIT_WRITE_FAILED}  writing failed part-way (disk full, say): the shards of this run are incomplete"""
 
 
 def exit_status(report: ShardsReport, manifest: Path, allow_refused: bool) -> int:

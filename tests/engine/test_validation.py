@@ -125,6 +125,8 @@ def test_hooks_write_eval_rows_at_stage_boundaries_every_n_steps_and_at_the_end(
         assert set(row["val_loss"]) == set(TASKS) and set(row["val_label_acc"]) == {"did", "ser"}
         assert row["n_generated"] == GENERATED and row["dummy_batches"] > 0
         assert all(0.0 <= row["val_label_acc"][task] <= 1.0 for task in ("did", "ser"))
+        data = row["val_data"]   # the validation set's counts over both ranks
+        assert data["read"] == data["used"] + sum(data["skipped"].values()) and data["used"] == row["n_val_examples"]
     assert worker_results[2]["steps_seen_by_earlier_hook"] == [1, 2, MAX_STEPS]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"] == evals[-1]["metrics"]
@@ -270,6 +272,7 @@ class StubValidator:
 
     enabled = True
     examples_per_rank = [4]
+    val_data = {"records": 4, "read": 4, "used": 4, "skipped": {}}
     n_generated = 2
 
     batches = 3
@@ -327,7 +330,7 @@ def _stub_trainer(monkeypatch, *overrides):
     trainer = StubTrainer(load_config("random", ["max_steps=4", *overrides]))
     seen = []
     trainer.hooks["after_step"] = lambda t: seen.append(t.state.step)
-    validator = validation.attach_validation(trainer, trainer.cfg, None, None, None)
+    validator = validation.attach_validation(trainer, trainer.cfg, None, None, build_tiny_tokenizer())
     return trainer, validator, seen
 
 

@@ -234,7 +234,8 @@ def test_the_command_exits_3_on_a_partial_build_and_documents_it(tmp_path):
     assert subprocess.run(command + ["--allow-refused"], cwd=repo, capture_output=True, timeout=120).returncode == 0
     usage = subprocess.run([sys.executable, "-m", "loaders.make_shards", "--help"], cwd=repo, capture_output=True,
                            text=True, timeout=120).stdout
-    for status in ("0  every row written", "1  nothing written", "2  bad arguments", "3  some rows refused"):
+    for status in ("0  every row written", "1  nothing written", "2  bad arguments", "3  some rows refused",
+                   "4  writing failed part-way"):
         assert status in usage, usage
     assert "--allow-refused" in usage
 
@@ -297,3 +298,55 @@ def test_refused_targets_name_the_field_to_fill():
         _check_targets({"text": "  "})
     with pytest.raises(RowRefused, match="give at least one of text, summary, dialect, emotion"):
         _check_targets({"lang": "ar"})
+
+
+def _clean_manifest(tmp_path: Path) -> Path:
+    shutil.copy(ASSETS / CLIPS[1], tmp_path / "clip.flac")
+    return _write_manifest(tmp_path / "clean.jsonl", [{"audio": "clip.flac", "text": "نص", "key": "one"}])
+
+
+def test_an_out_dir_that_cannot_hold_shards_is_one_line_and_exit_2(tmp_path, capsys):
+    manifest = _clean_manifest(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me", encoding="utf-8")
+    blocked = tmp_path / "blocked"
+    (blocked / INDEX_FILE).mkdir(parents=True)
+    cases = {a_file: "is a file, not a folder", a_file / "sub": "lies under", a_file / "sub" / "deeper": "lies under",
+             blocked: "holds folder(s) named like its outputs (shards.json)"}
+    for out, says in cases.items():
+        assert make_shards_main([str(manifest), str(out)]) == 2, out
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and captured.err.startswith("error: OUT_DIR: "), captured.err
+        assert says in captured.err and str(out) in captured.err
+        assert captured.out == ""                       # refused before any row is read
+    assert a_file.read_text(encoding="utf-8") == "keep me"
+    assert make_shards_main([str(manifest), str(tmp_path / "new" / "nested")]) == 0   # a missing folder is created
+
+
+def test_the_command_refuses_a_file_as_out_dir_without_a_traceback(tmp_path):
+    manifest = _clean_manifest(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("", encoding="utf-8")
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "loaders.make_shards", str(manifest), str(a_file)], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: OUT_DIR: {a_file} is a file, not a folder; give a folder for the shards (it is created if missing)"]
+
+
+def test_a_write_failure_part_way_is_one_line_and_exit_4(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import loaders.make_shards as module
+
+    manifest = _clean_manifest(tmp_path)
+
+    def disk_full(tar, key, meta, audio, ext):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train-000000.tar"))
+
+    monkeypatch.setattr(module, "add_sample", disk_full)
+    assert make_shards_main([str(manifest), str(tmp_path / "out")]) == module.EXIT_WRITE_FAILED == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "train-000000.tar" in err
+    assert "shards.json was not updated" in err and not (tmp_path / "out" / INDEX_FILE).exists()
