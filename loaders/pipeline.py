@@ -3,7 +3,7 @@
     stream = TrainStream(cfg, tokenizer, rank=r, world_size=w, grad_accum=4, seed=0,
                          schedule_cfg=run_cfg.schedule)      # ADS settings (ads_pool, ...)
     micro_batches = stream.next_step()        # same count on every rank
-    stream.set_tasks(["asr", "sum"])          # curriculum stage change, nothing read is lost
+    stream.set_tasks(["asr", "sum"])          # curriculum stage change, from the next micro-batch on
     stream.set_sampler("ads")                 # "random" (natural mixing) or "ads"
     state = stream.state_dict()               # JSON-serializable; save with the checkpoint
     stream.load_state_dict(state)             # the sample sequence continues exactly
@@ -33,6 +33,18 @@ may have run ahead, restart from the saved state at the next step. A replay appl
 the same points, so they are exactly reproducible too. A resume must use the same rank, world size, num_workers and
 seed (the shard split depends on them).
 
+A stage switch takes effect at the next micro-batch: the examples drawn for the old stage and
+not yet batched (the waiting queue, and the rest of each producer's current group) are
+released, never trained on, and counted (``released_at_switch``: read == used + pending +
+released_at_switch + skipped); the switch is recorded after them, so the new stage's producers
+draw fresh. Used first instead, they filled the first LOOKAHEAD_BATCHES budgets of the new
+stage with the old mix, and a short stage trained none of its new tasks.
+
+DataLoader workers (loaders.dataloader_workers) ignore the SIGTERM/SIGINT sent to the whole
+process group, so the engine checkpoints before it stops; they draw their seeds from their own
+generator, not from torch's global RNG (LoRA dropout's); an error raised in one reaches the
+training process with its own class and one-line message.
+
 Bad-sample warnings: producers hold them and hand them over with their next example; the
 training process prints each (shard, key, reason) once per rank, although every worker meets a
 bad sample sooner or later (epochs reshuffle the shards) and workers restart on stage changes.
@@ -52,6 +64,7 @@ import torch
 
 from loaders.batching import LOOKAHEAD_BATCHES, check_budget_fits_tasks, collate, padded_cost, select_micro_batch
 from loaders.curriculum import SAMPLERS, ScheduleConfig
+from loaders.dataloader_workers import WorkerDataset, WorkerFailure, WorkerSignalGuard, keep_as_is, loader_seed
 from loaders.embedding_refresh import RefreshedEmbeddings
 from loaders.packing import collate_packed, select_packed_row
 from loaders.rank_counts import add_counts
@@ -136,20 +149,6 @@ class ExampleProducer:
                 yield example
 
 
-class _WorkerDataset(torch.utils.data.IterableDataset):
-    def __init__(self, make_producer, entries):
-        self.make_producer, self.entries = make_producer, entries
-
-    def __iter__(self):
-        worker = torch.utils.data.get_worker_info().id
-        producer = self.make_producer(worker)
-        return producer.iterate(self.entries[worker])
-
-
-def _keep_as_is(item):
-    return item
-
-
 class TrainStream:
     """Endless token-budget micro-batches for one rank (see the module docstring)."""
 
@@ -182,6 +181,7 @@ class TrainStream:
             raise ValueError(f"sampler {sampler!r}: expected one of {list(SAMPLERS)}")
         self._restart_pending = False
         self._loader_iter = None
+        self._signal_guard = None
         self.skip_warnings = SkipWarnings(rank if world_size > 1 else None)
         sc = self.schedule_cfg
         self.refresh = RefreshedEmbeddings(sc.embedding_cache, sc.embedding_dim, sc.embedding_refresh_every)
@@ -224,6 +224,7 @@ class TrainStream:
         self.entries = state["workers"]
         self.counts_by_worker = list(state["counts_by_worker"])
         self.used, self.used_tasks, self.steps = state["used"], dict(state["used_tasks"]), state["steps"]
+        self.released, self.released_tasks = state.get("released", 0), dict(state.get("released_tasks", {}))
         self.used_labels = {task: dict(v) for task, v in state.get("used_labels", {}).items()}
         self.used_embeddings = dict(state.get("used_embeddings", {"stored": 0, "fallback": 0}))
         self.used_embeddings.setdefault("refreshed", 0)
@@ -238,10 +239,17 @@ class TrainStream:
                 from loaders.ads import compile_k_center
 
                 compile_k_center()   # once here, not once per forked worker
-            dataset = _WorkerDataset(self._make_producer, self.entries)
+            dataset = WorkerDataset(self._make_producer, self.entries)
+            self._signal_guard = WorkerSignalGuard()
+            # Its own seeded generator: iter(DataLoader) draws the workers' base seed from it, not
+            # from torch's global RNG, which LoRA dropout uses (a restart would shift dropout).
+            generator = torch.Generator().manual_seed(loader_seed(self.seed, self.rank, self.steps))
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                                 collate_fn=_keep_as_is, multiprocessing_context="fork")
-            self._loader_iter = iter(loader)
+                                                 collate_fn=keep_as_is, multiprocessing_context="fork",
+                                                 worker_init_fn=self._signal_guard.worker_init, generator=generator)
+            with self._signal_guard.starting_workers():
+                self._loader_iter = iter(loader)
+            self._signal_guard.watch(self._loader_iter)
         # Rebuild the waiting queue: each producer replays its waiting examples first, in order.
         waiting = collections.defaultdict(list)
         for worker, ordinal in state["queue"]:
@@ -263,6 +271,9 @@ class TrainStream:
         else:
             while not self.stash[worker]:
                 item = next(self._loader_iter)
+                if isinstance(item, WorkerFailure):
+                    self.close()   # the failed producer is gone; the stream ends, as without workers
+                    item.reraise()
                 self.stash[item.origin[0]].append(item)
             example = self.stash[worker].popleft()
         for reason, message, sample in example.skip_warnings:
@@ -357,11 +368,35 @@ class TrainStream:
             self.used_embeddings[kind] = self.used_embeddings.get(kind, 0) + 1
 
     def set_tasks(self, active_tasks, task_weights=None) -> None:
-        """Switch the mix (curriculum stage). Waiting examples of dropped tasks are still used;
+        """Switch the mix (curriculum stage) from the next micro-batch on: the examples waiting in
+        the lookahead, drawn for the old stage, are released (counted, see _release_waiting);
         samples a sampler holds for a dropped task wait for a stage with that task."""
         check_budget_fits_tasks(self.cfg, self.tokenizer, active_tasks)
         self.active_tasks, self.task_weights = list(active_tasks), dict(task_weights or {})
+        self._release_waiting()
         self._record_switch()
+
+    def _release_waiting(self) -> None:
+        """At a stage switch, set the old stage's draws aside: the waiting queue (up to
+        LOOKAHEAD_BATCHES budgets) and the rest of each producer's current group, so that the new
+        stage's first micro-batch follows its own mix (used first, they would fill the new stage's
+        first micro-batches with the old mix). They are not trained on; they are counted as
+        ``released_at_switch`` (read == used + pending + released_at_switch + skipped) and met
+        again in a later epoch. Exact resume: a released example is neither waiting nor to be
+        replayed (the producers' skip lists), and the switch is recorded after the group's end."""
+        for worker in range(self.num_producers):
+            pulled = self.counts_by_worker[worker]
+            while pulled is not None and self.last_pulled[worker] < pulled["group_end"]:
+                self.queue.append(self._pull_from(worker))
+                pulled = self.counts_by_worker[worker]
+        if not self.queue:
+            return
+        for example in self.queue:
+            self.released_tasks[example.task] = self.released_tasks.get(example.task, 0) + 1
+        log.info("stage switch: %d example(s) drawn for the previous stage released (%s)", len(self.queue),
+                 ", ".join(f"{t} {n}" for t, n in sorted(collections.Counter(e.task for e in self.queue).items())))
+        self.released += len(self.queue)
+        self.queue = []
 
     def set_sampler(self, name: str) -> None:
         """The stage's sampler: "random" (natural mixing) or "ads" (aligner-based diverse
@@ -373,6 +408,7 @@ class TrainStream:
             raise ValueError(f"sampler {name!r}: expected one of {list(SAMPLERS)} (schedule stage 'sampler')")
         if name != self.sampler_name:
             self.sampler_name = name
+            self._release_waiting()
             self.refresh.drain()
             if name == "ads" and self.refresh.dirty:    # an ADS stage starts from the freshest vectors
                 self.refresh.publish()
@@ -434,6 +470,7 @@ class TrainStream:
             "queue": [list(e.origin) for e in self.queue], "next_worker": self.next_worker,
             "counts_by_worker": copy.deepcopy(self.counts_by_worker),
             "used": self.used, "used_tasks": dict(self.used_tasks), "steps": self.steps,
+            "released": self.released, "released_tasks": dict(self.released_tasks),
             "used_labels": copy.deepcopy(self.used_labels), "used_embeddings": dict(self.used_embeddings),
             "sampler": self.sampler_name,
         }
@@ -477,7 +514,10 @@ class TrainStream:
         refreshed, stored, fallback), "embedding_hit_rate" (share of them with a real aligner
         vector, refreshed or stored; None before any), "embedding_refreshes" (versions
         published), "embedding_cache" (vectors held), "sampler"}.
-        read == used + pending + sum(skipped); pending includes samples held by the sampler."""
+        "released_at_switch" (examples drawn for a stage and released at the switch to the next,
+        never trained on) and "released_tasks" ({task: n} of them).
+        read == used + pending + released_at_switch + sum(skipped); pending includes samples held
+        by the sampler."""
         read, skipped, pending, epoch = 0, {}, len(self.queue), 0
         draws, repeats = {}, {}
         for worker, c in enumerate(self.counts_by_worker):
@@ -494,7 +534,8 @@ class TrainStream:
             repeats = add_counts(repeats, sampler.get("repeats", {}))
         embedded = sum(self.used_embeddings.values())
         real = self.used_embeddings.get("stored", 0) + self.used_embeddings.get("refreshed", 0)
-        return {"read": read, "used": self.used, "pending": pending, "skipped": skipped, "epoch": epoch,
+        return {"read": read, "used": self.used, "pending": pending, "released_at_switch": self.released,
+                "released_tasks": dict(self.released_tasks), "skipped": skipped, "epoch": epoch,
                 "tasks": dict(self.used_tasks), "labels": copy.deepcopy(self.used_labels), "draws": draws,
                 "repeats": repeats, "embeddings": dict(self.used_embeddings),
                 "embedding_hit_rate": real / embedded if embedded else None, **self.refresh.counts(),
@@ -503,6 +544,9 @@ class TrainStream:
     def close(self) -> None:
         # Stop DataLoader workers now, not when the iterator is collected: a data error's
         # traceback keeps it alive, and a later collection stalls for seconds.
+        if self._signal_guard is not None:
+            self._signal_guard.release()
+            self._signal_guard = None
         getattr(self._loader_iter, "_shutdown_workers", lambda: None)()
         self._loader_iter = None
         self._iters = []

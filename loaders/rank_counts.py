@@ -5,7 +5,9 @@ summary.json must show the job's. Every rank calls gather_rank_counts at the sam
 log row, the end of training): it all-gathers the per-rank dicts and merges them.
 
 Merged structure (the keys of TrainStream.counts(), with the job's values):
-    summed over ranks:  read, used, pending, skipped {reason: n}, tasks {task: n},
+    summed over ranks:  read, used, pending, released_at_switch (examples drawn for a stage that
+                        ended before they were batched), released_tasks {task: n},
+                        skipped {reason: n}, tasks {task: n},
                         labels {task: {label: n}}, draws and repeats {task: {label: n}}
                         (None, "unknown", stays None), embeddings {kind: n}, embedding_updates,
                         embedding_cache (vectors held, all ranks' caches together)
@@ -13,19 +15,20 @@ Merged structure (the keys of TrainStream.counts(), with the job's values):
                         the same schedule on every rank)
     recomputed:         embedding_hit_rate from the summed embeddings
     the same on every rank: sampler (rank 0's)
-    per rank:           "per_rank": [{"rank", "read", "used", "pending", "skipped", "epoch",
+    per rank:           "per_rank": [{"rank", "read", "used", "pending", "released_at_switch", "skipped", "epoch",
                         "embedding_cache"}, ...] in rank order
     "world_size":       the number of dicts merged
-So the invariant of one rank holds for the job: read == used + pending + sum(skipped).
+So the invariant of one rank holds for the job: read == used + pending + released_at_switch +
+sum(skipped).
 A key this module does not know is summed when every rank's value is a number (or a dict of
 numbers), else rank 0's value is kept.
 """
 from __future__ import annotations
 
-SUMMED = ("read", "used", "pending", "skipped", "tasks", "labels", "draws", "repeats", "embeddings",
+SUMMED = ("read", "used", "pending", "released_at_switch", "released_tasks", "skipped", "tasks", "labels", "draws", "repeats", "embeddings",
           "embedding_updates", "embedding_cache")
 MAXIMUM = ("epoch", "embedding_refreshes")
-PER_RANK = ("read", "used", "pending", "skipped", "epoch", "embedding_cache")
+PER_RANK = ("read", "used", "pending", "released_at_switch", "skipped", "epoch", "embedding_cache")
 
 
 def add_counts(total, part):

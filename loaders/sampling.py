@@ -301,8 +301,10 @@ class ADSSampler(_PulledSampler):
 
 class ProportionalSampler(_PulledSampler):
     """Natural mixing (the ``random`` sampler): streams drawn in proportion to the data, samples
-    packed in read order into micro-batches of at most ``token_budget`` tokens. The sample that
-    does not fit starts the next batch; one longer than the budget is returned alone."""
+    packed in read order into micro-batches of at most ``token_budget`` tokens. Samples waiting
+    (the one that did not fit the last batch, or an earlier stage's sampler's pool handed over
+    at a switch) are taken when the drawer next picks their task, so the mix follows the
+    drawer's shares from a switch on; one longer than the budget is returned alone."""
 
     def __init__(self, pull, tasks: Sequence[str], *, token_budget: int, task_weights=None, natural_counts=None,
                  max_items: int | None = None, seed=0, puller: StreamPuller | None = None):
@@ -317,6 +319,15 @@ class ProportionalSampler(_PulledSampler):
     def adopt(self, items: Sequence[Drawn]) -> None:
         self._pending = sorted(self._pending + list(items), key=lambda d: d.serial)
 
+    def _take_or_draw(self, stream: StreamId) -> Drawn:
+        """The oldest waiting sample of the drawn stream's task (handed over by the previous
+        stage's sampler, or one that did not fit the last batch), else a new one: the mix
+        follows the drawer's shares whatever waits."""
+        for i, item in enumerate(self._pending):
+            if item.stream[0] == stream[0]:
+                return self._pending.pop(i)
+        return self.puller.draw(stream)
+
     def take_pending(self) -> list[Drawn]:
         items, self._pending = self._pending, []
         return items
@@ -329,12 +340,12 @@ class ProportionalSampler(_PulledSampler):
         budget = self.token_budget if token_budget is None else int(token_budget)
         batch, used = [], 0
         while used < budget and (not self.max_items or len(batch) < self.max_items):
-            if not self._pending:
-                self._pending.append(self.puller.draw(self.drawer.next_stream()))
-            tokens = int(example_field(self._pending[0].example, "num_tokens"))
+            item = self._take_or_draw(self.drawer.next_stream())
+            tokens = int(example_field(item.example, "num_tokens"))
             if batch and used + tokens > budget:
+                self.adopt([item])   # waits for its task's next turn
                 break
-            batch.append(self._pending.pop(0))
+            batch.append(item)
             used += tokens
         if used > budget:
             self.oversize += 1

@@ -133,7 +133,7 @@ def test_data_counts_of_a_two_rank_run_cover_both_ranks(cli_run):
     assert data["world_size"] == 2 and [r["rank"] for r in data["per_rank"]] == [0, 1]
     assert data["used"] == sum(r["used"] for r in data["per_rank"]) > 0
     assert data["used"] > max(r["used"] for r in data["per_rank"]), "one rank's counts alone"
-    assert data["read"] == data["used"] + data["pending"] + sum(data["skipped"].values())
+    assert data["read"] == data["used"] + data["pending"] + data["released_at_switch"] + sum(data["skipped"].values())
     last = [r for r in rows_of(cli_run) if "data" in r][-1]
     assert last["data"]["world_size"] == 2
 

@@ -63,8 +63,10 @@ def write_shard(path, records: list[tuple[str, dict, bytes]]) -> str:
 
 
 def check_counts_add_up(counts):
-    assert counts["read"] == counts["used"] + counts["pending"] + sum(counts["skipped"].values()), counts
+    assert counts["read"] == (counts["used"] + counts["pending"] + counts["released_at_switch"]
+                              + sum(counts["skipped"].values())), counts
     assert sum(counts["tasks"].values()) == counts["used"]
+    assert sum(counts["released_tasks"].values()) == counts["released_at_switch"]
 
 
 def test_micro_batches_have_the_engine_format(demo, tokenizer):
@@ -133,18 +135,24 @@ def test_resume_sees_exactly_the_uninterrupted_sequence(demo, tokenizer, num_wor
     check_counts_add_up(resumed_counts)
 
 
-def test_set_tasks_switches_the_mix_and_loses_nothing(demo, tokenizer):
+def test_set_tasks_switches_the_mix_at_once_and_counts_what_it_releases(demo, tokenizer):
     stream = TrainStream(demo_config(demo), tokenizer, rank=0, world_size=1, grad_accum=2, seed=1)
     stream.next_step()
     waiting = [(e.key, e.task) for e in stream.queue]
     assert {task for _, task in waiting} - {"did"}  # other tasks are waiting when the stage changes
+    before = stream.counts()
     stream.set_tasks(["did"])
+    released = stream.counts()["released_at_switch"]
+    assert released >= len(waiting) > 0            # the lookahead, and the rest of the producer's group
+    check_counts_add_up(stream.counts())
     used = []
-    for _ in range(8):
+    for step in range(4):
         used += [pair for keys in step_keys(stream.next_step()) for pair in keys]
         check_counts_add_up(stream.counts())
-    assert set(waiting) <= set(used)  # everything read before the switch is still trained on
-    assert {task for _, task in used[-20:]} == {"did"}
+        if step == 0:   # fresh draws (the released ones come back in a later epoch)
+            assert not set(waiting) & set(used)
+    assert {task for _, task in used} == {"did"}    # from the first micro-batch of the new stage on
+    assert stream.counts()["used"] == before["used"] + len(used)
     stream.close()
 
 

@@ -17,7 +17,8 @@ def tokenizer():
 
 
 def check_counts_add_up(counts):
-    assert counts["read"] == counts["used"] + counts["pending"] + sum(counts["skipped"].values()), counts
+    assert counts["read"] == (counts["used"] + counts["pending"] + counts.get("released_at_switch", 0)
+                              + sum(counts["skipped"].values())), counts
     assert sum(counts["tasks"].values()) == counts["used"]
 
 

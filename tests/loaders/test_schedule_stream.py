@@ -86,7 +86,8 @@ def make_stream(cfg, tokenizer, **kwargs) -> TrainStream:
 
 
 def check_counts_add_up(counts):
-    assert counts["read"] == counts["used"] + counts["pending"] + sum(counts["skipped"].values()), counts
+    assert counts["read"] == (counts["used"] + counts["pending"] + counts["released_at_switch"]
+                              + sum(counts["skipped"].values())), counts
     assert sum(counts["tasks"].values()) == counts["used"]
     assert sum(counts["labels"].get("did", {}).values()) == counts["tasks"].get("did", 0)
 
@@ -158,9 +159,11 @@ def test_stages_switch_on_the_fly_later_tasks_never_earlier_counts_add_up(shards
     tasks_at = [{task for mb in mbs for _, task in mb} for _, mbs in trace]
     assert all(tasks <= {"asr"} for tasks in tasks_at[:3])
     assert all(tasks <= {"asr", "sum"} for tasks in tasks_at[3:5]) and "sum" in tasks_at[3] | tasks_at[4]
-    # the examples already waiting for batching (LOOKAHEAD_BATCHES budgets, about two steps here)
-    # are used first, then the ADS stage's mix shows
-    assert "did" in tasks_at[7] and "did" in tasks_at[8]
+    # the new stage's mix from its first step: the examples waiting for batching when a stage
+    # ends (LOOKAHEAD_BATCHES budgets, about two steps here) are released, not used first
+    assert "sum" in tasks_at[3]
+    assert all("did" in tasks for tasks in tasks_at[5:])
+    assert counts[2]["released_at_switch"] == 0 < counts[3]["released_at_switch"] < counts[5]["released_at_switch"]
     assert [c["sampler"] for c in counts] == ["random"] * 5 + ["ads"] * 4
     for c in counts:
         check_counts_add_up(c)
@@ -170,7 +173,8 @@ def test_stages_switch_on_the_fly_later_tasks_never_earlier_counts_add_up(shards
     assert len(used_keys) == counts[-1]["used"]
 
 
-@pytest.mark.parametrize("num_workers,steps,save_at", [(0, 9, {6, 7}), (2, 9, {7})])
+# Checkpoints inside a stage and right at the switches (steps 3 and 5, before the stream is told).
+@pytest.mark.parametrize("num_workers,steps,save_at", [(0, 9, {3, 5, 6, 7}), (2, 9, {5, 7})])
 def test_resume_inside_an_ads_stage_reproduces_the_uninterrupted_sequence(shards, tokenizer, num_workers, steps,
                                                                           save_at):
     cfg = config(shards, num_workers=num_workers)

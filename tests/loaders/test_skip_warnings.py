@@ -74,7 +74,8 @@ def test_two_workers_print_a_bad_sample_once_and_count_every_skip(one_bad_shards
     assert "by another DataLoader worker, it is counted" in printed[0]
     # Every skip is counted where it happened, and the rank's counts add up.
     assert counts["skipped"] == {"undecodable_audio": sum(met)}
-    assert counts["read"] == counts["used"] + counts["pending"] + sum(counts["skipped"].values()), counts
+    assert counts["read"] == (counts["used"] + counts["pending"] + counts["released_at_switch"]
+                              + sum(counts["skipped"].values())), counts
 
     # The same run with each worker printing its own warnings (as before holding them): the
     # same counts, and the same sample printed again by each worker and after the restart.
