@@ -1,4 +1,5 @@
-"""Throughput, MFU, memory and the per-step log line; metrics.jsonl, TensorBoard, summary.json.
+"""Throughput, MFU, memory and the per-step log line (LogWindow: the steps of one row); metrics.jsonl,
+TensorBoard, summary.json.
 
 MFU (model FLOPs utilization) = useful FLOPs per second / the device's peak bf16 dense rate.
 Useful FLOPs of one LoRA training step, written out (N_* are parameter counts):
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from engine.target_rows import last_layer_position_wise
+from loaders.tasks import TASKS
 
 # Peak dense bf16 tensor-core TFLOP/s by device name (vendor datasheets, without sparsity).
 PEAK_BF16_TFLOPS = {
@@ -275,3 +277,48 @@ def _flatten(row: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+class LogWindow:
+    """Sums over the steps since the previous metrics row: the row's loss and per-task losses are
+    means over them (weighted by target tokens; non-finite, skipped steps left out), its tok/s,
+    MFU and data wait are over their time."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.slots = 0, 0, 0
+        self.flops = self.data_s = self.step_s = 0.0
+        self.loss_sum, self.targets = 0.0, 0
+        self.per_task: dict[str, list[float]] = {}  # task -> [loss sum, target tokens]
+
+    def state_dict(self) -> dict:
+        return {**self.__dict__, "per_task": {task: list(sums) for task, sums in self.per_task.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LogWindow":
+        window = cls()
+        window.__dict__.update(state)
+        window.per_task = {task: list(sums) for task, sums in state.get("per_task", {}).items()}
+        return window
+
+    def add(self, stats) -> None:
+        """One training step (engine.trainer.StepStats)."""
+        self.steps += 1
+        self.tokens += stats.tokens
+        self.slots += stats.slots
+        self.flops += stats.flops
+        self.data_s += stats.data_s
+        self.step_s += stats.step_s
+        if stats.skipped:
+            return
+        self.loss_sum += stats.loss * stats.targets
+        self.targets += stats.targets
+        for task, (total, count) in stats.per_task_sums.items():
+            sums = self.per_task.setdefault(task, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += count
+
+    def losses(self) -> tuple[float, dict]:
+        loss = self.loss_sum / self.targets if self.targets else float("nan")
+        # In TASKS order whatever order the tasks first appeared in: log lines line up row to row.
+        return loss, {task: self.per_task[task][0] / self.per_task[task][1] for task in TASKS
+                      if self.per_task.get(task, (0.0, 0))[1]}

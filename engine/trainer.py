@@ -27,7 +27,7 @@ from torch.profiler import record_function
 
 from engine import checkpoint as ckpt
 from engine.config import RunConfig
-from engine.metrics import (MetricsWriter, batch_flops_inputs, device_peak_flops, flops_model_of,
+from engine.metrics import (LogWindow, MetricsWriter, batch_flops_inputs, device_peak_flops, flops_model_of,
                             format_line, peak_memory_gib)
 from engine.parallel import DistEnv, all_reduce_sum, set_gradient_sync
 from loaders.packing import token_slots
@@ -378,7 +378,7 @@ class Trainer:
         if "on_resume" in self.hooks and self.state.step > 0:
             self.hooks["on_resume"](self)
 
-    def _log_row(self, stats: StepStats, window: "LogWindow") -> None:
+    def _log_row(self, stats: StepStats, window: LogWindow) -> None:
         secs = max(window.step_s, 1e-9)
         tok_s = window.tokens / secs / self.env.world_size  # per device
         mfu = (window.flops / secs / self.env.world_size / self.peak_flops) if self.peak_flops else None
@@ -439,50 +439,6 @@ class Trainer:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-class LogWindow:
-    """Sums over the steps since the previous metrics row: the row's loss and per-task losses are
-    means over them (weighted by target tokens; non-finite, skipped steps left out), its tok/s,
-    MFU and data wait are over their time."""
-
-    def __init__(self):
-        self.steps, self.tokens, self.slots = 0, 0, 0
-        self.flops = self.data_s = self.step_s = 0.0
-        self.loss_sum, self.targets = 0.0, 0
-        self.per_task: dict[str, list[float]] = {}  # task -> [loss sum, target tokens]
-
-    def state_dict(self) -> dict:
-        return {**self.__dict__, "per_task": {task: list(sums) for task, sums in self.per_task.items()}}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "LogWindow":
-        window = cls()
-        window.__dict__.update(state)
-        window.per_task = {task: list(sums) for task, sums in state.get("per_task", {}).items()}
-        return window
-
-    def add(self, stats: StepStats) -> None:
-        self.steps += 1
-        self.tokens += stats.tokens
-        self.slots += stats.slots
-        self.flops += stats.flops
-        self.data_s += stats.data_s
-        self.step_s += stats.step_s
-        if stats.skipped:
-            return
-        self.loss_sum += stats.loss * stats.targets
-        self.targets += stats.targets
-        for task, (total, count) in stats.per_task_sums.items():
-            sums = self.per_task.setdefault(task, [0.0, 0.0])
-            sums[0] += total
-            sums[1] += count
-
-    def losses(self) -> tuple[float, dict]:
-        loss = self.loss_sum / self.targets if self.targets else float("nan")
-        # In TASKS order whatever order the tasks first appeared in: log lines line up row to row.
-        return loss, {task: self.per_task[task][0] / self.per_task[task][1] for task in TASKS
-                      if self.per_task.get(task, (0.0, 0))[1]}
 
 
 @contextlib.contextmanager
