@@ -100,7 +100,8 @@ def check_enough_shards(urls: list[str], num_slots: int, world_size: int, num_wo
         raise ShardError(
             f"{config_key} has {len(urls)} shard(s) but {world_size} rank(s) x {max(1, num_workers)} worker(s) "
             f"need at least {num_slots} so every sample is read exactly once per epoch; write more, smaller shards "
-            "(make_shards --max-count) or lower data.num_workers")
+            "(make_shards --max-count)" + (" or lower data.num_workers" if num_workers > 1 else
+                                           " or run fewer ranks" if world_size > 1 else ""))
 
 
 def shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:

@@ -113,9 +113,12 @@ def test_missing_shard_is_an_error_naming_it(tmp_path):
     assert "data.train" in str(err.value)
 
 
-def test_too_few_shards_says_how_many_are_needed():
-    with pytest.raises(ShardError, match="need at least 4"):
+def test_too_few_shards_says_how_many_are_needed_and_only_the_advice_that_applies():
+    with pytest.raises(ShardError, match="need at least 4.*or lower data.num_workers"):
         check_enough_shards(["a", "b", "c"], 4, 2, 2, "data.train")
+    with pytest.raises(ShardError, match="need at least 2") as e:   # no workers to lower
+        check_enough_shards(["a"], 2, 2, 0, "data.train")
+    assert "num_workers" not in str(e.value) and "fewer ranks" in str(e.value)
 
 
 def test_shard_order_reshuffles_per_epoch_and_agrees_across_calls():
