@@ -230,7 +230,7 @@ def check_repeated_keys(overrides: list[str] | tuple[str, ...]) -> list[str]:
         shown = ", ".join(given[:3]) + (", ..." if len(given) > 3 else "")
         if key in ("data.train", "data.val") or any(".tar" in text for text in given):
             raise ConfigError(f"{key} is given {len(given)} times ({shown}); a shard list is one argument. If the "
-                              f"shell expanded a brace range, quote it: '{key}=/path/train-{{000000..000511}}.tar'")
+                              f"shell expanded a brace range, quote it: '{key}=/path/{key.rpartition('.')[2]}-{{000000..000511}}.tar'")
         notes.append(f"{key} is given {len(given)} times ({shown}): the last, {given[-1]}, is used")
     return notes
 

@@ -179,7 +179,8 @@ def load_checkpoint_thinker(path: str, *, dtype: torch.dtype, attn_impl: str):
     if not folder.is_dir():
         raise ModelPathError(f"model.path={path} is not a folder; point it at a local Qwen2.5-Omni checkpoint")
     if not (folder / "config.json").exists():
-        raise ModelPathError(f"model.path={path} has no config.json: not a Hugging Face checkpoint folder")
+        raise ModelPathError(f"model.path={path} has no config.json: not a Hugging Face checkpoint folder; point it at a "
+                             "local Qwen2.5-Omni checkpoint (the folder downloaded from the hub)")
     if not any(folder.glob("*.safetensors")):
         raise ModelPathError(f"model.path={path} has no *.safetensors weight files (partial download?)")
     config = AutoConfig.from_pretrained(path)

@@ -125,6 +125,7 @@ class Trainer:
         self.ended_stage: str | None = None  # the stage the step before a stage switch trained in
         self.stop_signal: str | None = None  # "SIGTERM" once every rank knows of one: checkpoint, stop
         self.signal_received = False  # set by the handler on this rank (stop_on_signals)
+        self.signal_time = 0.0  # time.monotonic() of that first SIGTERM
         self.window = LogWindow()  # the steps since the last metrics row (kept in checkpoints)
 
     # --- state ---------------------------------------------------------------------------
@@ -441,10 +442,16 @@ class Trainer:
             self.writer.close()
 
 
+# A scheduler that signals the whole process group reaches each rank twice: directly, and through
+# torchrun, which passes its own SIGTERM on to its workers moments later. A second SIGTERM within
+# this window is that same stop, not a request to stop at once.
+REPEATED_SIGTERM_WINDOW_S = 5.0
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer: Trainer):
     """SIGTERM (a scheduler's preemption, torchrun passing on its own SIGTERM) asks the trainer
-    to checkpoint at the end of the current step and stop; a second SIGTERM stops at once.
+    to checkpoint at the end of the current step and stop; a second SIGTERM (5 s or more later) stops at once.
     torchrun waits ~30 s for its workers after a SIGTERM before killing them: a LoRA checkpoint
     (adapters and their optimizer state) takes far less. Only the main thread can take signals."""
     if threading.current_thread() is not threading.main_thread():
@@ -452,14 +459,17 @@ def stop_on_signals(trainer: Trainer):
         return
 
     def on_sigterm(signum, frame):
+        if trainer.signal_received and time.monotonic() - trainer.signal_time < REPEATED_SIGTERM_WINDOW_S:
+            return  # the same stop, delivered twice (to the process group, and passed on by torchrun)
         if trainer.signal_received:
             where = f"; resume from {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
             print(f"[omnitrain] rank {trainer.env.rank}: second SIGTERM: stopping now, without a checkpoint{where}",
                   flush=True)
             raise SystemExit(128 + signum)
         trainer.signal_received = True
+        trainer.signal_time = time.monotonic()
         print(f"[omnitrain] rank {trainer.env.rank}: SIGTERM received, stopping after this step with a checkpoint "
-              "(send it again to stop at once)", flush=True)
+              "(send it again, 5 s or more later, to stop at once)", flush=True)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

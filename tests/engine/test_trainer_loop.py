@@ -44,6 +44,22 @@ def test_sigterm_checkpoints_after_the_step_and_the_run_resumes_there(env, tmp_p
     assert summary["stopped_by"] is None and summary["steps"] == 8
 
 
+def test_a_sigterm_delivered_twice_at_once_is_one_stop_with_a_checkpoint(env, tmp_path):
+    """A process-group kill under torchrun reaches a rank twice within moments: still a checkpoint."""
+    out = tmp_path / "run"
+    trainer, _ = make_trainer(env, out, ["max_steps=8", "checkpoint.every=0"])
+
+    def preempt_twice(t):
+        if t.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+    trainer.hooks["after_step"] = preempt_twice
+    summary = trainer.train()   # a SystemExit here would be the "stop at once" path
+    trainer.close()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+
+
 def test_rows_average_the_loss_over_their_window(env, tmp_path):
     """log_every=3: each row's loss is the target-weighted mean of its 3 steps, not the last one."""
     out = tmp_path / "run"
