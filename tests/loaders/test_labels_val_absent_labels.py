@@ -1,11 +1,9 @@
 """A configured DID/SER label with no training example: ADS (and hybrid's ADS stage) balances
 over the labels that have data instead of crashing when the empty label's stream runs dry; the
 start of the run can say so in one line; random mixing (random, tpc) is not affected."""
-import io
 
 import numpy as np
 import pytest
-import soundfile
 
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.ads import (absent_labels, absent_labels_note, absent_labels_note_for, balanced_streams,
@@ -15,19 +13,12 @@ from loaders.curriculum import ScheduleConfig
 from loaders.make_shards import shard_index_entry, write_index, write_shard
 from loaders.pipeline import TrainStream
 from loaders.tasks import DEFAULT_EMOTIONS
+from test_embed_shards import wav_bytes   # tests/loaders is on sys.path
 
 PRESENT_EMOTIONS = ("neutral", "happy", "sad")       # "angry" of the default data.emotions has no sample
 SHARDS, RECORDS_PER_SHARD = 2, 12
 # Small ADS settings keep the test fast; the mechanics are those of the defaults.
 SCHEDULE = ScheduleConfig(ads_pool=16, ads_window=12, ads_max_wait=8, embedding_dim=16)
-
-
-def wav_bytes(seconds: float, pitch_hz: float) -> bytes:
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    buffer = io.BytesIO()
-    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * pitch_hz * t)).astype(np.float32), 16_000, format="WAV",
-                    subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def write_shards_without_angry(folder, with_index: bool = True) -> list[str]:

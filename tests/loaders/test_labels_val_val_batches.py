@@ -2,12 +2,9 @@
 shards than ranks, so one val shard works with any number of ranks and every example is
 validated exactly once; the pass counts read / used / skipped by reason
 (adding up) and prints each bad recording once."""
-import io
 import logging
 
-import numpy as np
 import pytest
-import soundfile
 
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.config import DataConfig
@@ -17,16 +14,9 @@ from loaders.shards import iter_tar_samples
 from loaders.skip_counting import SKIP_REASONS
 from loaders.tasks import tasks_of_record
 from loaders.val_batches import ValBatches, build_val_batches
+from test_embed_shards import wav_bytes   # tests/loaders is on sys.path
 
 GOOD_RECORDS = 7    # odd: the ranks of a 2-rank split get different numbers of records
-
-
-def wav_bytes(seconds: float, pitch_hz: float) -> bytes:
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    buffer = io.BytesIO()
-    soundfile.write(buffer, (0.3 * np.sin(2 * np.pi * pitch_hz * t)).astype(np.float32), 16_000, format="WAV",
-                    subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def good_samples(prefix: str, n: int) -> list:

@@ -131,8 +131,11 @@ STAGES = [{"name": "asr", "tasks": ["asr"], "steps": 3}, {"name": "asr+sum", "ta
           {"name": "ads", "tasks": ["asr", "sum", "did"], "sampler": "ads"}]
 
 
-def run_schedule(make, steps, save_at=()):
-    schedule = ScheduleConfig(stages=STAGES).build(max_steps=steps, max_tokens=None)
+def run_schedule(make, steps, save_at=(), stages=STAGES):
+    """The engine's stage loop (engine/trainer.py), reduced to what the stream sees; at
+    ``save_at`` steps the state goes through JSON into a new stream, as a resume does.
+    Returns (stage index and (key, task) per micro-batch, per step; counts after each step)."""
+    schedule = ScheduleConfig(stages=stages).build(max_steps=steps, max_tokens=None)
     stream, stage_index, tokens, trace, counts_per_step = make(), -1, 0, [], []
     for step in range(steps):
         if step in save_at:       # a checkpoint (through JSON) and a new process resuming from it

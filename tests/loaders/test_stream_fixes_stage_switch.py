@@ -2,8 +2,6 @@
 drawn for the old stage and still waiting in the bucketing lookahead (LOOKAHEAD_BATCHES
 budgets) are released and counted, not trained on first. Before, short stages trained none of
 their new tasks (a 2-step stage of did+ser after a ser stage trained only ser)."""
-import json
-
 import pytest
 
 from engine.tokenizer import build_tiny_tokenizer
@@ -12,6 +10,7 @@ from loaders.curriculum import ScheduleConfig
 from loaders.demo_data import write_demo_shards
 from loaders.pipeline import TrainStream
 from test_pipeline import check_counts_add_up   # tests/loaders is on sys.path
+from test_schedule_stream import run_schedule as run_stages
 
 # Small ADS settings keep the test fast; the mechanics are those of the defaults.
 SCHEDULE = dict(ads_pool=32, ads_window=16, ads_max_wait=8, embedding_dim=32)
@@ -44,33 +43,16 @@ def train_urls(tmp_path_factory):
 
 
 def run_schedule(cfg, tokenizer, stages, steps, save_at=()):
-    """The engine's stage loop (engine/trainer.py), reduced to what the stream sees; at
-    ``save_at`` steps the state goes through JSON into a new stream, as a resume does."""
-    schedule = ScheduleConfig(stages=stages, **SCHEDULE).build(max_steps=steps, max_tokens=None)
-
+    """test_schedule_stream's stage loop over ``stages``, every step's counts checked; returns the
+    tasks of each micro-batch per step and the final counts."""
     def make():
         return TrainStream(cfg, tokenizer, rank=0, world_size=1, grad_accum=GRAD_ACCUM, seed=3,
                            schedule_cfg=ScheduleConfig(**SCHEDULE))
 
-    stream, stage_index, tokens, trace = make(), -1, 0, []
-    for step in range(steps):
-        if step in save_at:
-            saved = json.loads(json.dumps(stream.state_dict()))
-            stream.close()
-            stream = make()
-            stream.load_state_dict(saved)
-        index, stage = schedule.stage_at(step, tokens)
-        if index != stage_index:
-            stage_index = index
-            stream.set_tasks(list(stage.tasks), stage.weights)
-            stream.set_sampler(stage.sampler)
-        micro_batches = stream.next_step()
-        tokens += sum(mb["num_tokens"] for mb in micro_batches)
-        trace.append((index, [list(mb["tasks"]) for mb in micro_batches]))
-        check_counts_add_up(stream.counts())
-    counts = stream.counts()
-    stream.close()
-    return trace, counts
+    trace, counts_per_step = run_stages(make, steps, save_at, stages=stages)
+    for counts in counts_per_step:
+        check_counts_add_up(counts)
+    return [(index, [[task for _, task in mb] for mb in mbs]) for index, mbs in trace], counts_per_step[-1]
 
 
 def share(trace, steps, task) -> float:
