@@ -450,12 +450,13 @@ def validate_config(cfg: RunConfig) -> None:
 def _check_source_weights(cfg: RunConfig) -> None:
     """data.weights: one positive weight per source of data.train (known before any shard is read)."""
     from loaders.shards import expand_sources
+    from loaders.sources import is_empty_spec
 
     weights = cfg.data.weights
     if not weights:
         return
     train = cfg.data.train
-    sources = 1 if (not train.strip() if isinstance(train, str) else not list(train)) else len(expand_sources(train))
+    sources = 1 if is_empty_spec(train) else len(expand_sources(train))
     if len(weights) != sources:
         raise ConfigError(f"config key 'data.weights': {list(weights)} has {len(weights)} entries for {sources} "
                           "source(s) in data.train; give one weight per source (a list of URL sets in data.train "

@@ -22,7 +22,8 @@ def demo_shard_urls(cache_dir) -> tuple[list[str], list[str]]:
     return train, val
 
 
-def _is_empty(spec) -> bool:
+def is_empty_spec(spec) -> bool:
+    """data.train / data.val left empty ("" or []): the demo set, or no validation data."""
     return not spec.strip() if isinstance(spec, str) else not list(spec)
 
 
@@ -31,8 +32,8 @@ def resolve_sources(cfg, split: str) -> list[list[str]]:
     means the demo set; an empty data.val means the demo's val split when data.train is
     empty too, else no validation data ([])."""
     spec = getattr(cfg, split)
-    if _is_empty(spec):
-        if split == "val" and not _is_empty(cfg.train):
+    if is_empty_spec(spec):
+        if split == "val" and not is_empty_spec(cfg.train):
             return []
         train, val = demo_shard_urls(cfg.demo_dir)
         return [train if split == "train" else val]
