@@ -39,6 +39,13 @@ from loaders.tasks import TASK_IDS
 
 # Task id written on tokens that belong to no example (the tail of a row padded to a multiple).
 NO_TASK = -1
+# select_packed_row fills a row in the sampler's draw order up to this share of the budget, then
+# longest first. Measured on 4-budget queues of two equally drawn tasks, one with examples up to
+# half as long (lengths 150-260 of a 2048 budget): longest first from the start gave the shorter
+# task ~11% of a row's examples at a fill of 0.968; draw order to 80% gives it ~46% at 0.972
+# (lengths 200-1000 of 4096, as at 7B: 0.988 vs 0.987). Examples near the budget's size fill
+# worse in draw order (lengths 50-3000 of 4096: 0.90 vs 0.95).
+DRAW_ORDER_FILL = 0.8
 # M-RoPE rows of the position tensor (temporal, height, width), after the text row.
 MROPE_AXES = 3
 
@@ -79,17 +86,29 @@ def pack_examples(examples, max_tokens: int) -> list[list]:
 
 
 def select_packed_row(lengths: list[int], budget: int) -> list[int]:
-    """Indices (into ``lengths``, oldest first) of one packed row from a waiting queue: index 0
-    (the oldest, so none waits forever), then the others longest first wherever they still fit
-    (first fit decreasing for one row). The packed counterpart of batching.select_micro_batch,
-    for the stream's lookahead queue."""
+    """Indices (into ``lengths``, oldest first) of one packed row from a waiting queue: the oldest
+    examples in draw order wherever they fit, until the row is ``DRAW_ORDER_FILL`` full, then the
+    rest longest first wherever they still fit. The packed counterpart of
+    batching.select_micro_batch, for the stream's lookahead queue.
+
+    Index 0 always goes, so none waits forever. Draw order keeps the row's task mix the sampler's
+    (longest first from the whole queue favours the task with the longer examples: the shorter task
+    of a new stage waited several steps); longest first only closes the row's last gap."""
     if not lengths:
         raise PackingError("select_packed_row got an empty queue")
     if lengths[0] > budget:
         raise PackingError(f"the oldest waiting example has {lengths[0]} tokens, more than a packed row holds "
                            f"({budget}); raise data.max_tokens_per_batch")
     chosen, room = [0], budget - lengths[0]
-    for i in sorted(range(1, len(lengths)), key=lambda i: (-lengths[i], i)):
+    draw_order_room = budget * (1 - DRAW_ORDER_FILL)
+    for i in range(1, len(lengths)):
+        if room <= draw_order_room:
+            break
+        if lengths[i] <= room:
+            chosen.append(i)
+            room -= lengths[i]
+    taken = set(chosen)
+    for i in sorted((i for i in range(1, len(lengths)) if i not in taken), key=lambda i: (-lengths[i], i)):
         if lengths[i] <= room:
             chosen.append(i)
             room -= lengths[i]

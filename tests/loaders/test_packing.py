@@ -150,6 +150,22 @@ def test_rows_from_a_lookahead_queue_fill_the_budget(demo_batches):
         select_packed_row([4000, 10], budget)
 
 
+def test_a_packed_row_keeps_the_draw_mix_of_a_shorter_task():
+    """Two tasks drawn alternately, one with examples about half as long: the row holds about as
+    many of each as the queue offers (longest first from the whole queue took ~11% short ones)."""
+    budget, rng, shares = 2048, np.random.default_rng(0), []
+    for _ in range(50):
+        queue, short = [], []
+        while sum(queue) < LOOKAHEAD_BATCHES * budget:
+            is_short = len(queue) % 2 == 1
+            queue.append(int(rng.integers(75, 130) if is_short else rng.integers(150, 260)))
+            short.append(is_short)
+        chosen = select_packed_row(queue, budget)
+        assert sum(queue[i] for i in chosen) <= budget
+        shares.append(np.mean([short[i] for i in chosen]))
+    assert np.mean(shares) > 0.4, np.mean(shares)
+
+
 def test_budget_fill_of_the_padded_val_batches_is_what_they_carry(demo_batches):
     batches, cfg = demo_batches
     real = sum(b["num_tokens"] for b in batches)

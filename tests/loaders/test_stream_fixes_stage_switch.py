@@ -74,8 +74,9 @@ def test_a_short_stage_trains_its_new_tasks_from_its_first_micro_batch(train_url
     assert counts["released_at_switch"] > 0 and set(counts["released_tasks"]) >= {"ser"}
 
 
-def test_a_random_stage_switch_follows_the_new_weights_at_once(train_urls, tokenizer):
-    cfg = DataConfig(train=train_urls, val=train_urls, shuffle_buffer=16, max_tokens_per_batch=1024)
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_random_stage_switch_follows_the_new_weights_at_once(train_urls, tokenizer, packing):
+    cfg = DataConfig(train=train_urls, val=train_urls, shuffle_buffer=16, max_tokens_per_batch=1024, packing=packing)
     trace, counts = run_schedule(cfg, tokenizer, TPC_STAGES, 5)
     assert all(set(mb) == {"asr"} for _, mbs in trace[:2] for mb in mbs)
     assert "sum" in {t for mb in trace[2][1] for t in mb}, trace[2]     # the new stage's first step
