@@ -467,15 +467,11 @@ def _check_source_weights(cfg: RunConfig) -> None:
 
 def _check_output_dir(output_dir: str) -> None:
     """output_dir must be a folder or creatable as one: not an existing file, nor under one."""
-    if not output_dir:
-        return
-    path = Path(output_dir)
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is a file" if folder == path else f"is under {folder}, which is a file"
-                raise ConfigError(f"output_dir={output_dir} {where}; give a folder path (a new or an existing run folder)")
-            return
+    from loaders.output_folder import output_folder_problem
+
+    problem = output_folder_problem(Path(output_dir)) if output_dir else None
+    if problem:
+        raise ConfigError(f"output_dir={output_dir}: {problem}; give a folder path (a new or an existing run folder)")
 
 
 def _check_schedule(cfg: RunConfig) -> None:

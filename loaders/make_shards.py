@@ -53,6 +53,7 @@ from pathlib import Path
 
 import soundfile
 
+from loaders.output_folder import output_folder_problem
 from loaders.tasks import DEFAULT_DIALECTS, DEFAULT_EMOTIONS, TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
 
 INDEX_FILE = "shards.json"
@@ -394,19 +395,10 @@ def out_dir_problem(out_dir: Path, prefix: str) -> str | None:
     exist yet (it is created with the first shard), but the nearest existing folder on its
     path must be a writable folder, and nothing in it may be a folder where a shard or
     shards.json is to be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        return f"{out_dir} is a file, not a folder; give a folder for the shards (it is created if missing)"
-    existing = out_dir
-    while not existing.exists():
-        if existing.is_symlink():
-            return f"{existing} is a broken link; give a folder for the shards"
-        existing = existing.parent
-    if not existing.is_dir():
-        return (f"{out_dir} lies under {existing}, which is a file, not a folder; give a folder for the shards "
-                "(it is created if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable, so {out_dir} cannot receive shards; give a folder you can write to"
-    if existing == out_dir:
+    problem = output_folder_problem(out_dir)
+    if problem:
+        return f"{problem}; give a folder for the shards (it is created if missing)"
+    if out_dir.is_dir():
         blocked = [p.name for p in [out_dir / INDEX_FILE, *out_dir.glob(f"{prefix}-*.tar")] if p.is_dir()]
         if blocked:
             return (f"{out_dir} holds folder(s) named like its outputs ({', '.join(sorted(blocked))}); "

@@ -123,6 +123,9 @@ def test_output_dir_that_is_a_file_or_under_one_is_refused(tmp_path):
         load_config("random", [f"output_dir={afile}"])
     with pytest.raises(ConfigError, match="which is a file"):
         load_config("random", [f"output_dir={afile}/run"])
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="gone is a broken link"):
+        load_config("random", [f"output_dir={tmp_path}/gone/run"])
     assert load_config("random", [f"output_dir={tmp_path}/new/run"]).output_dir == f"{tmp_path}/new/run"
 
 
