@@ -26,6 +26,7 @@ from engine.tokenizer import build_tiny_tokenizer, load_checkpoint_tokenizer
 from engine.trainer import Trainer, write_summary
 from engine.validation import attach_validation, final_validation
 from loaders.rank_counts import gather_rank_counts
+from loaders.sources import check_given_shards_exist
 from kernels.linear_cross_entropy import resolve_loss_impl
 from kernels.lora import resolve_lora_impl
 from profiling.memory_report import format_memory_report, memory_report
@@ -169,6 +170,7 @@ def check_resume(cfg: RunConfig, env: DistEnv) -> None:
 
 def _run(cfg: RunConfig, env: DistEnv) -> dict:
     check_resume(cfg, env)
+    check_given_shards_exist(cfg.data)   # before the run folder is written and the model is built
     out = prepare_output_dir(cfg, env)
     say(env, f"run folder: {out}")
     resolve_impls(cfg, env)

@@ -19,6 +19,8 @@ if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): mak
 
 from engine.config import ConfigError, available_recipes, check_repeated_keys, load_config  # noqa: E402
 
+# The recipe users run (DESIGN: `torchrun engine/train.py --recipe hybrid`).
+DEFAULT_RECIPE = "hybrid"
 # Exit code of a run refused or stopped for a reason its message explains (argparse's code too).
 USER_ERROR_EXIT = 2
 # Exit code of a run stopped by SIGTERM after its checkpoint (128 + 15, as a shell reports it).
@@ -74,12 +76,14 @@ def lost_a_peer(error: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="hybrid", help=f"recipe name ({', '.join(available_recipes())}) or a YAML path")
+    parser.add_argument("--recipe", action="append", help=f"recipe name ({', '.join(available_recipes())}) or a YAML "
+                        f"path (default {DEFAULT_RECIPE}; given twice, the last is used)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. optim.lr=2e-4 max_steps=50")
     args = parser.parse_args(argv)
+    recipes = args.recipe or [DEFAULT_RECIPE]
     try:
-        notes = check_repeated_keys(args.overrides)
-        cfg = load_config(args.recipe, args.overrides)
+        notes = check_repeated_keys([f"--recipe={name}" for name in recipes] + args.overrides)
+        cfg = load_config(recipes[-1], args.overrides)
     except ConfigError as e:
         print(f"omnitrain: error: {rank_label()}{e}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT

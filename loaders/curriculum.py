@@ -207,8 +207,8 @@ class Schedule:
             end = absolute + (round(cumulative_fraction * self.total) if cumulative_fraction else 0)
             if end <= previous_end:
                 raise ScheduleError(
-                    f"{where}: '{self.unit}: {stage.length}' resolves to 0 {self.unit} of a run of {self.total} "
-                    f"{self.unit}; raise {total_key} or give an absolute length")
+                    f"{where}: '{self.unit}: {stage.length}' resolves to 0 {self.unit} of the {total_key}={self.total} run"
+                    f"; raise {total_key} or give an absolute length")
             if self.total and end > self.total:
                 raise ScheduleError(
                     f"{where}: ends at {end} {self.unit} but the run stops at {total_key}={self.total}; "

@@ -27,6 +27,16 @@ def is_empty_spec(spec) -> bool:
     return not spec.strip() if isinstance(spec, str) else not list(spec)
 
 
+def check_given_shards_exist(cfg) -> None:
+    """The local shards named in data.train and data.val exist (remote URLs are read later):
+    a typo in a path is said before the model is built, which takes minutes at 7B."""
+    for split in ("train", "val"):
+        spec = getattr(cfg, split)
+        if not is_empty_spec(spec):
+            for urls in expand_sources(spec):
+                check_shards_exist(urls, f"data.{split}")
+
+
 def resolve_sources(cfg, split: str) -> list[list[str]]:
     """data.train / data.val as URL lists per source, checked to exist. An empty data.train
     means the demo set; an empty data.val means the demo's val split when data.train is

@@ -64,10 +64,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in line, proc.stderr[-3000:]
 
 
-def test_a_missing_shard_is_one_line_and_exit_2(tmp_path):
+def test_a_missing_shard_is_one_line_and_exit_2_before_the_model_is_built(tmp_path):
     missing = tmp_path / "nowhere" / "train-000000.tar"
-    proc = cli(["--recipe", "random", "max_steps=2", f"data.train={missing}", f"output_dir={tmp_path / 'run'}"])
+    proc = cli(["--recipe", "tpc", "--recipe", "random", "max_steps=2", f"data.train={missing}",
+                f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, "data.train", "nowhere")
+    assert "--recipe is given 2 times (tpc, random): the last, random, is used" in proc.stdout
+    assert "model:" not in proc.stdout and not (tmp_path / "run").exists()   # said before the minutes a 7B load takes
+    proc = cli(["--recipe", "random", "max_steps=2", f"data.val={missing}", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "data.val", "nowhere")
 
 
 def test_a_broken_recipe_yaml_is_one_line_and_exit_2(tmp_path):
