@@ -261,8 +261,7 @@ def _end_of_damaged_shard(url: str, key: str | None, index: int, files: dict, ex
         lost = "the whole shard"
     if index >= skip:
         yield RawSample(url, key or "?", index, error=("corrupt_tar", (
-            f"shard {url}: {exc}; {lost} cannot be read (how many samples that is cannot be known from a damaged "
-            "tar; counted as one corrupt_tar); rewrite the shard")))
+            f"shard {url}: {exc}; {lost} cannot be read; rewrite the shard")))
 
 
 def count_examples_by_shard(urls: list[str]) -> dict[str, dict]:

@@ -45,6 +45,13 @@ DATA_ADVICE = {
 }
 
 
+# What a skip of this reason stands for in the counts, said with the warning (not when the error is
+# raised instead, data.on_error=raise).
+COUNT_NOTES = {
+    "corrupt_tar": "counted as one corrupt_tar: a damaged tar does not tell how many samples it lost",
+}
+
+
 class DataError(ValueError):
     """A bad sample, raised when data.on_error=raise (or data.strict for labels)."""
 
@@ -96,6 +103,8 @@ class ErrorCounter:
                 return False
             self.seen.add(dedupe)
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if reason in COUNT_NOTES:
+            message += f" ({COUNT_NOTES[reason]})"
         self._warn(reason, message, sample)
         return True
 

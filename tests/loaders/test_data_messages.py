@@ -9,6 +9,7 @@ import pytest
 from engine.tokenizer import build_tiny_tokenizer
 from loaders.audio import AudioError, decode_audio, probe_duration
 from loaders.shards import ShardError, check_shards_exist, iter_tar_samples
+from loaders.skip_counting import DataError
 from loaders.stream import ExampleSource
 from test_stream import bad_config, good, sample, wav_bytes, write_shard   # tests/loaders is on sys.path
 
@@ -75,15 +76,25 @@ def test_a_truncated_audio_member_is_one_corrupt_tar_naming_the_sample(tmp_path)
     reason, message = samples[1].error
     assert reason == "corrupt_tar"
     assert "'cut.wav' is truncated" in message and "sample 'cut'" in message and "rest of the shard" in message
-    assert "cannot be known" in message
+    assert "rewrite the shard" in message and "count" not in message   # the skip warning adds how it is counted
     # Resuming past the damage still yields the one error, at the same index.
     assert [(s.index, s.error[0]) for s in iter_tar_samples(path, skip=1)] == [(1, "corrupt_tar")]
 
 
-def test_a_truncated_shard_counts_one_skip_per_epoch_not_two(tmp_path, tokenizer):
+def test_a_truncated_shard_counts_one_skip_per_epoch_not_two(tmp_path, tokenizer, caplog):
     source = ExampleSource([[truncated_in_audio(tmp_path)]], bad_config(), tokenizer, {}, slot=0, num_slots=1, seed=0)
     assert [e.key for e in pull_epochs(source, "asr", 1)] == ["whole"]
     assert source.counts()["skipped"] == {"corrupt_tar": 1}
+    [warning] = [w for w in warnings_of(caplog) if "corrupt_tar" in w]
+    assert "counted as one corrupt_tar" in warning and "does not tell how many samples" in warning
+
+
+def test_a_truncated_shard_with_on_error_raise_says_what_to_do_not_how_it_is_counted(tmp_path, tokenizer):
+    source = ExampleSource([[truncated_in_audio(tmp_path)]], bad_config(on_error="raise"), tokenizer, {}, slot=0,
+                           num_slots=1, seed=0)
+    with pytest.raises(DataError) as err:
+        pull_epochs(source, "asr", 1)
+    assert "sample 'cut'" in str(err.value) and "rewrite the shard" in str(err.value) and "count" not in str(err.value)
 
 
 def test_undecodable_audio_names_shard_and_key_not_a_buffer_object():
