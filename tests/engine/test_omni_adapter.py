@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +234,15 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def adapter_copy(adapter: Path, folder: Path, **config_changes) -> Path:
+    """The adapter's weights in a new folder, its config with ``config_changes``."""
+    folder.mkdir()
+    (folder / ADAPTER_WEIGHTS).write_bytes((adapter / ADAPTER_WEIGHTS).read_bytes())
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
 def assert_refused(argv, capsys, *needles) -> None:
     code, out, err = run_cli(argv, capsys)
     assert code == 2 and out == ""
@@ -268,9 +278,7 @@ def test_refuses_a_missing_folder_and_a_folder_that_is_no_adapter(tmp_path, caps
 
 def test_refuses_a_config_that_is_not_json_or_not_lora(lora_adapter, tmp_path, capsys):
     adapter, _ = lora_adapter
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / ADAPTER_WEIGHTS).write_bytes((adapter / ADAPTER_WEIGHTS).read_bytes())
+    broken = adapter_copy(adapter, tmp_path / "broken")
     (broken / ADAPTER_CONFIG).write_text("{not json")
     assert_refused([broken, tmp_path / "out"], capsys, broken / ADAPTER_CONFIG, "not valid JSON")
     (broken / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "IA3", "target_modules": "x"}))
@@ -283,11 +291,7 @@ def test_refuses_a_config_that_is_not_json_or_not_lora(lora_adapter, tmp_path, c
 
 def test_refuses_modules_to_save_without_their_tensors(lora_adapter, tmp_path, capsys):
     adapter, _ = lora_adapter
-    odd = tmp_path / "odd"
-    odd.mkdir()
-    (odd / ADAPTER_WEIGHTS).write_bytes((adapter / ADAPTER_WEIGHTS).read_bytes())
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    (odd / ADAPTER_CONFIG).write_text(json.dumps({**config, "modules_to_save": ["audio_tower"]}))
+    odd = adapter_copy(adapter, tmp_path / "odd", modules_to_save=["audio_tower"])
     assert_refused([odd, tmp_path / "out"], capsys, odd / ADAPTER_CONFIG, "'audio_tower'", "holds no tensor")
 
 
@@ -314,13 +318,8 @@ def test_refuses_an_output_folder_that_is_not_empty(lora_adapter, tmp_path, caps
 def test_refuses_a_pattern_that_cannot_be_prefixed(lora_adapter, tmp_path, capsys):
     """Anchors inside the pattern (`^a|^b`) would silently stop matching under `thinker.`."""
     adapter, _ = lora_adapter
-    odd = tmp_path / "odd"
-    odd.mkdir()
-    (odd / ADAPTER_WEIGHTS).write_bytes((adapter / ADAPTER_WEIGHTS).read_bytes())
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     layers = r"model\.language_model\.layers\.\d+"
-    config["target_modules"] = rf"^{layers}\.self_attn\.\w+|^{layers}\.mlp\.\w+$"
-    (odd / ADAPTER_CONFIG).write_text(json.dumps(config))
+    odd = adapter_copy(adapter, tmp_path / "odd", target_modules=rf"^{layers}\.self_attn\.\w+|^{layers}\.mlp\.\w+$")
     assert_refused([odd, tmp_path / "out"], capsys, odd / ADAPTER_CONFIG, "does not match the adapted module")
     assert not (tmp_path / "out").exists()
 
