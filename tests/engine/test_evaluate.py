@@ -8,7 +8,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from engine.arabic_text import ArabicRougeTokenizer, normalize_arabic
-from engine.evaluate import INVALID_COLUMN, main, metrics_markdown, read_prediction_file, score
+from engine.evaluate import main, metrics_markdown, read_prediction_file
+from engine.scoring import INVALID_COLUMN, score
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIALECTS = ["egy", "glf", "lev", "msa", "nor"]

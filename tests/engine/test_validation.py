@@ -17,8 +17,8 @@ import torch
 from engine.evaluate import main as evaluate_main
 from engine.report import write_report
 from engine.tokenizer import AUDIO_TOKEN, IM_END, build_tiny_tokenizer
-from engine.validation import (Validator, generation_batches, greedy_decode, scalar_metrics,
-                               select_for_generation, split_batch_rows)
+from engine.generation import generation_batches, greedy_decode, select_for_generation, split_batch_rows
+from engine.validation import Validator, scalar_metrics
 from loaders.config import DataConfig
 from loaders.tasks import TASKS
 
