@@ -227,7 +227,8 @@ def _run(cfg: RunConfig, env: DistEnv) -> dict:
         ended = (f"stopped by {summary['stopped_by']} (checkpoint {summary['last_checkpoint']}; the same command "
                  "resumes)" if summary.get("stopped_by") else "done")
         say(env, f"{ended}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-                 f"{summary['tokens_per_sec_per_device']:,.0f} tok/s per device; adapter: {adapter_dir}")
+                 f"{summary['tokens_per_sec_per_device']:,.0f} tok/s per device, micro-batches "
+                 f"{summary['budget_fill']:.0%} full; adapter: {adapter_dir}")
     trainer.close()
     if hasattr(stream, "close"):
         stream.close()

@@ -396,7 +396,8 @@ class Trainer:
                "mem_gib": peak_memory_gib(self.env.device), "data_wait_pct": 100.0 * window.data_s / secs,
                "elapsed_s": self.state.wall_s, "skipped_steps": self.state.skipped_steps, "skipped": stats.skipped,
                "eta_s": steps_left * stats.step_s,
-               "packing_efficiency": window.tokens / max(window.slots, 1)}
+               "packing_efficiency": window.tokens / max(window.slots, 1),
+               "budget_fill": window.tokens / max(window.steps * self.step_token_budget(), 1)}
         counts = self.stream.counts() if hasattr(self.stream, "counts") else {}
         if counts:
             counts = gather_rank_counts(counts)  # a collective: every rank logs at the same steps
@@ -405,6 +406,12 @@ class Trainer:
         if self.env.is_main:
             self.writer.write(row)
             self.log(format_line(row, self.cfg.max_steps or "?"))
+
+    def step_token_budget(self) -> int:
+        """Token slots one optimizer step may fill, all ranks: grad_accum micro-batches of
+        data.max_tokens_per_batch each. Real tokens over this is the budget fill: how full the
+        micro-batches are (packing_efficiency is 1.0 for packed rows however short they are)."""
+        return self.cfg.optim.grad_accum * self.env.world_size * self.cfg.data.max_tokens_per_batch
 
     def _mix_since_last_row(self, counts: dict) -> dict:
         """What the model saw since the previous log row: examples per task and per label
@@ -433,7 +440,9 @@ class Trainer:
                 "tokens_per_sec_per_device": self.state.tokens / train_s / self.env.world_size,
                 "train_s": self.state.train_s, "stopped_by": self.stop_signal,
                 "final_loss_per_task": self.final_losses,
-                "packing_efficiency": self.state.tokens / max(self.state.slots, 1), "skipped_steps": self.state.skipped_steps,
+                "packing_efficiency": self.state.tokens / max(self.state.slots, 1),
+                "budget_fill": self.state.tokens / max(self.state.step * self.step_token_budget(), 1),
+                "skipped_steps": self.state.skipped_steps,
                 "wall_s": self.state.wall_s, "world_size": self.env.world_size, "device": device_name(self.env.device),
                 "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 

@@ -17,6 +17,7 @@ def test_two_process_run_writes_everything_a_user_expects(cli_run):
     summary = json.loads((cli_run / "summary.json").read_text())
     assert summary["steps"] == CLI_STEPS and summary["world_size"] == 2
     assert summary["tokens"] > 0 and summary["tokens_per_sec"] > 0
+    assert 0 < summary["budget_fill"] <= summary["packing_efficiency"] <= 1
     assert set(summary["final_loss_per_task"]) <= {"asr", "sum", "did", "ser"} and summary["final_loss_per_task"]
     rows = read_metrics(cli_run)
     # wall_s holds the training steps and every validation pass, the final one included

@@ -83,6 +83,13 @@ def test_rows_average_the_loss_over_their_window(env, tmp_path):
             count = sum(sums[task][1] for _, _, sums in window if task in sums)
             assert row["loss_per_task"][task] == pytest.approx(total / count, rel=1e-9)
     assert trainer.final_losses == rows[-1]["loss_per_task"]
+    # the budget fill: real tokens over grad_accum x world size x data.max_tokens_per_batch slots per step
+    cfg = trainer.cfg
+    budget = cfg.optim.grad_accum * env.world_size * cfg.data.max_tokens_per_batch
+    for row, first in zip(rows, (0, 3)):
+        real = row["tokens"] - (rows[0]["tokens"] if first else 0)
+        assert row["budget_fill"] == pytest.approx(real / (3 * budget), rel=1e-9)
+        assert 0 < row["budget_fill"] <= row["packing_efficiency"] <= 1.0, row   # slots never exceed the budget
 
 
 def test_a_row_after_a_resume_still_covers_its_whole_window(env, tmp_path):
