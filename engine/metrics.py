@@ -162,6 +162,8 @@ def format_line(row: dict, max_steps: int) -> str:
     parts.append(f"mem {row['mem_gib']:.2f} GiB")
     parts.append(f"data {row['data_wait_pct']:.1f}%")
     parts.append(f"stage {row['stage']}")
+    if row.get("embedding_hit_rate") is not None:   # ADS: the share of samples with a stored aligner embedding
+        parts.append(f"emb hit {row['embedding_hit_rate']:.0%}")
     parts.append(f"eta {format_duration(row.get('eta_s', float('nan')))}")
     return " | ".join(parts)
 
