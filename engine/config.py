@@ -245,8 +245,22 @@ def parse_override(item: str) -> tuple[str, object]:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
-        value = text
+        value = text if not text.strip().startswith("[") else _list_yaml_cannot_parse(key, text.strip())
     return key, value
+
+
+def _list_yaml_cannot_parse(key: str, text: str) -> list:
+    """A list YAML refused, most often shard URLs with brace ranges ([[a-{0..7}.tar], [b-{0..3}.tar]]):
+    read as a list of URL lists when that is unambiguous, else an error. (A value starting with
+    "{" that YAML refuses stays a string: it is a brace URL, as in {/d/a,/d/b}/train-0.tar.)"""
+    from loaders.shards import parse_url_lists
+
+    try:
+        return parse_url_lists(text)
+    except ValueError as e:
+        example = "[['/d/a/train-{000000..000007}.tar'], ['/d/b/train-{000000..000003}.tar']]"
+        raise ConfigError(f"override {key}={text} is not a list that can be read ({e}); quote each URL, "
+                          f"e.g. two sources: \"{key}={example}\"") from None
 
 
 def _set_dotted(raw: dict, key: str, value: object) -> None:
@@ -443,26 +457,17 @@ def validate_config(cfg: RunConfig) -> None:
     _at_least("eval.max_samples", cfg.eval.max_samples, 0)
     _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
     _check_schedule(cfg)
-    _check_source_weights(cfg)
+    _check_data_sources(cfg)
     _check_output_dir(cfg.output_dir)
 
 
-def _check_source_weights(cfg: RunConfig) -> None:
-    """data.weights: one positive weight per source of data.train (known before any shard is read)."""
-    from loaders.shards import expand_sources
-    from loaders.sources import is_empty_spec
+def _check_data_sources(cfg: RunConfig) -> None:
+    """data.weights against the sources of data.train, data.demo_dir when the demo set is used."""
+    from loaders.sources import data_sources_problem
 
-    weights = cfg.data.weights
-    if not weights:
-        return
-    train = cfg.data.train
-    sources = 1 if is_empty_spec(train) else len(expand_sources(train))
-    if len(weights) != sources:
-        raise ConfigError(f"config key 'data.weights': {list(weights)} has {len(weights)} entries for {sources} "
-                          "source(s) in data.train; give one weight per source (a list of URL sets in data.train "
-                          "is several sources)")
-    if any(not isinstance(w, (int, float)) or w <= 0 for w in weights):
-        raise ConfigError(f"config key 'data.weights': {list(weights)} must be positive numbers")
+    problem = data_sources_problem(cfg.data)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_output_dir(output_dir: str) -> None:

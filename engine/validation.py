@@ -62,6 +62,7 @@ class Validator:
     """Validation of one rank, in lockstep with the others (see the module docstring)."""
 
     def __init__(self, cfg, env: DistEnv, model, tokenizer, *, max_generated: int | None = None):
+        from loaders.sources import no_validation_reason
         from loaders.val_batches import build_val_batches
 
         self.cfg, self.env, self.model, self.tokenizer = cfg, env, model, tokenizer
@@ -75,8 +76,7 @@ class Validator:
         counts = all_gather_objects(len(self.batches))
         self.examples_per_rank = all_gather_objects(sum(len(b["keys"]) for b in self.batches))
         self.enabled = max(counts) > 0
-        self.disabled_reason = None if self.enabled else (
-            "no validation data: data.val is empty while data.train is set, or every validation sample was skipped")
+        self.disabled_reason = None if self.enabled else no_validation_reason(cfg.data, self.val_data)
         if not self.enabled:
             return
         # A rank whose shards held no usable sample still has to run the same forwards: it

@@ -77,6 +77,7 @@ import numpy as np
 import soundfile
 
 from loaders.make_shards import INDEX_FILE, shard_index_entry, shard_name, write_index, write_shard
+from loaders.output_folder import output_folder_problem
 
 # Bump when the rendering changes, so an old set on disk is regenerated.
 DEMO_VERSION = 1
@@ -368,6 +369,9 @@ def write_demo_shards(out_dir: str | os.PathLike, seed: int = 0, train_shards: i
     existing = _complete_index(out_dir, settings)
     if existing is not None:
         return existing
+    problem = output_folder_problem(out_dir)
+    if problem:
+        raise ValueError(f"{problem}; choose a folder for the demo data (a new or an empty one)")
     if out_dir.is_dir() and not _is_demo_only(out_dir):
         raise FileExistsError(_FOREIGN_FOLDER.format(out_dir=out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -248,8 +248,11 @@ def validate_row(row_number: int, line: str, manifest_dir: Path, labels: LabelSe
     if not isinstance(row, dict):
         raise RowRefused("a row must be a JSON object")
     audio_field = row.get("audio")
-    if not isinstance(audio_field, str) or not audio_field:
-        raise RowRefused("missing 'audio' (path of the audio file)")
+    if audio_field is None or audio_field == "":
+        raise RowRefused(f"{'missing' if audio_field is None else 'empty'} 'audio' (path of the audio file)")
+    if not isinstance(audio_field, str):
+        raise RowRefused(f"'audio' is {json.dumps(audio_field)} ({type(audio_field).__name__}), not a path; give the "
+                         "audio file's path as a string, e.g. \"audio\": \"clips/0001.wav\"")
     audio_path = Path(audio_field)
     if not audio_path.is_absolute():
         audio_path = manifest_dir / audio_path
@@ -438,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     if not re.match(r"^[A-Za-z0-9_\-]+$", args.prefix):
         parser.error(f"--prefix {args.prefix!r} may hold only letters, digits, '_' and '-'")
     if not args.manifest.is_file():
-        print(f"error: manifest {args.manifest} does not exist", file=sys.stderr)
+        what = ("is a folder; give the manifest file (a .jsonl file, one JSON row per recording)"
+                if args.manifest.is_dir() else "does not exist")
+        print(f"error: manifest {args.manifest} {what}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     labels = LabelSets(_label_list(args.dialects, DEFAULT_DIALECTS), _label_list(args.emotions, DEFAULT_EMOTIONS))
     for option, value in (("--dialects", labels.dialects), ("--emotions", labels.emotions)):

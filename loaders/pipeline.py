@@ -71,7 +71,8 @@ from loaders.dataloader_workers import WorkerDataset, WorkerFailure, WorkerSigna
 from loaders.embedding_refresh import RefreshedEmbeddings
 from loaders.packing import collate_packed, select_packed_row
 from loaders.rank_counts import add_counts
-from loaders.shards import LABELLED_TASKS, check_enough_shards, count_examples_by_shard, shard_order, sum_counts
+from loaders.shards import (LABELLED_TASKS, ShardError, check_enough_shards, count_examples_by_shard, no_example_message,
+                            shard_order, sum_counts)
 from loaders.skip_counting import SkipWarnings
 from loaders.sources import resolve_sources
 from loaders.stream import ExampleSource, source_weight
@@ -151,6 +152,15 @@ class ExampleProducer:
                 yield example
 
 
+def check_sources_have_examples(sources: list[list[str]], shard_counts: list[dict]) -> None:
+    """Each source of data.train yields at least one example: a source of empty, non-tar or
+    unusable shards is an error naming them, not an empty index the sampler trips over later."""
+    for number, (urls, counts) in enumerate(zip(sources, shard_counts), start=1):
+        if not any(n for entry in counts.values() for n in entry["tasks"].values()):
+            key = "data.train" + (f" (source {number} of {len(sources)})" if len(sources) > 1 else "")
+            raise ShardError(no_example_message(urls, key))
+
+
 class TrainStream(StageSwitchesAndResume):
     """Endless token-budget micro-batches for one rank (see the module docstring)."""
 
@@ -171,6 +181,7 @@ class TrainStream(StageSwitchesAndResume):
             raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(self.sources)} source(s) in "
                              "data.train; give one weight per source")
         self.shard_counts = [count_examples_by_shard(urls) for urls in self.sources]
+        check_sources_have_examples(self.sources, self.shard_counts)
         self.data_counts = {index: sum_counts(counts.values()) for index, counts in enumerate(self.shard_counts)}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.active_tasks = list(active_tasks) if active_tasks else list(TASKS)

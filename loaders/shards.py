@@ -7,6 +7,7 @@ A bad member never stops the stream: it comes out as a RawSample whose ``error``
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record
+from loaders.tasks import TARGET_FIELDS, TASKS, UnknownTaskError, tasks_of_record, why_no_target
 
 log = logging.getLogger("loaders")
 
@@ -52,6 +53,67 @@ def expand_urls(spec) -> list[str]:
     return urls
 
 
+def parse_url_lists(text: str) -> list:
+    """A list of shard URLs as typed on a command line, ``[[a-{0..7}.tar], [b-{0..3}.tar]]``,
+    where YAML fails: a brace range is not a plain scalar inside a YAML flow list. Items are
+    nested lists or strings; commas inside braces belong to the URL (``{a,b}``); a quoted item
+    is taken as is. Raises ValueError (saying where) on anything else: unbalanced brackets or
+    braces, an empty item, text after the list."""
+    value, end = _parse_list(text, 0)
+    if text[end:].strip():
+        raise ValueError(f"unexpected {text[end:].strip()!r} after the list")
+    return value
+
+
+def _parse_list(text: str, pos: int) -> tuple[list, int]:
+    """The list opening at text[pos] == "[" and the position after its "]"."""
+    items, pos = [], pos + 1
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            raise ValueError("a '[' is not closed by ']'")
+        if text[pos] == "]" and not items:
+            return items, pos + 1
+        if text[pos] == "[":
+            item, pos = _parse_list(text, pos)
+        elif text[pos] in "'\"":
+            close = text.find(text[pos], pos + 1)
+            if close < 0:
+                raise ValueError(f"the quote at character {pos + 1} is not closed")
+            item, pos = text[pos + 1:close], close + 1
+        else:
+            item, pos = _parse_word(text, pos)
+        items.append(item)
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            return items, pos + 1
+        if pos >= len(text):
+            raise ValueError("a '[' is not closed by ']'")
+        if text[pos] != ",":
+            raise ValueError(f"expected ',' or ']' at character {pos + 1}")
+        pos += 1
+
+
+def _parse_word(text: str, pos: int) -> tuple[str, int]:
+    """An unquoted item: up to the next ',' or ']' outside braces."""
+    start, depth = pos, 0
+    while pos < len(text) and (depth or text[pos] not in ",]"):
+        if text[pos] in "[\"'" and not depth:
+            raise ValueError(f"unexpected {text[pos]!r} at character {pos + 1}")
+        depth += {"{": 1, "}": -1}.get(text[pos], 0)
+        if depth < 0:
+            raise ValueError(f"a '}}' at character {pos + 1} closes no '{{'")
+        pos += 1
+    if depth:
+        raise ValueError(f"a '{{' in {text[start:pos].strip()!r} is not closed by '}}'")
+    word = text[start:pos].strip()
+    if not word:
+        raise ValueError(f"empty item at character {start + 1}")
+    return word, pos
+
+
 def expand_sources(spec) -> list[list[str]]:
     """One URL list per source. A string or a flat list of URLs is one source; a list of lists
     (or of lists and strings) is several sources, one per entry."""
@@ -82,7 +144,24 @@ def check_shards_exist(urls: list[str], config_key: str) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ShardError(f"{config_key}: {len(missing)} of {len(urls)} shard(s) do not exist: {shown}. "
-                         "Check the path and brace range, or build shards with python -m loaders.make_shards")
+                         + (_glob_hint(missing) or "Check the path and brace range, or build shards with "
+                            "python -m loaders.make_shards"))
+
+
+def _glob_hint(missing: list[str]) -> str | None:
+    """A missing URL with a glob character: the engine does not expand globs (the shell did not
+    either, or the file would exist); brace notation names a numbered range."""
+    pattern = next((u for u in missing if any(c in u for c in "*?[")), None)
+    if pattern is None:
+        return None
+    folder = os.path.dirname(local_path(pattern)) or "."
+    name = os.path.basename(pattern)
+    stem = name.split("*")[0].split("?")[0].split("[")[0] or "train-"
+    matches = sorted(glob.glob(local_path(pattern))) if is_local(pattern) or pattern.startswith("file://") else []
+    found = (f"; {len(matches)} file(s) here match it, {os.path.basename(matches[0])}"
+             + (f" ... {os.path.basename(matches[-1])}" if len(matches) > 1 else "") if matches else "")
+    return (f"Shard URLs are not glob patterns: {pattern} is not expanded{found}. Name the shards with brace "
+            f"notation, e.g. {folder}/{stem}{{000000..000007}}.tar for {stem}000000.tar ... {stem}000007.tar")
 
 
 def _folder_message(url: str, config_key: str) -> str:
@@ -321,3 +400,72 @@ def _scan_shard(url: str) -> dict:
                 labels[task][value] = labels[task].get(value, 0) + 1
     return {"tasks": tasks, "labels": labels}
 
+
+
+# --- why a shard list yields nothing ------------------------------------------------------------
+
+NO_EXAMPLE_SHARDS_SHOWN = 5  # shards named in a "no usable example" message; the rest are counted
+
+
+def has_a_member(url: str) -> bool:
+    """The shard opens as a tar with at least one file in it (reads its first header only)."""
+    try:
+        with _open_stream(url) as stream:
+            return next(iter_tar_members(stream, url), None) is not None
+    except (DamagedTar, OSError, EOFError):
+        return False
+
+
+def why_shard_has_no_example(url: str) -> str:
+    """What is wrong with a shard that yields no example, as a phrase after its URL: not a tar,
+    no members, samples none of which has a target (with the first one's problem), or an index
+    that counts none of its good samples. Reads the shard."""
+    try:
+        with _open_stream(url) as stream:
+            next(iter_tar_members(stream, url), None)
+    except (DamagedTar, OSError, EOFError) as exc:
+        return f"is not a readable tar file ({exc})"
+    samples, with_targets, first_problem = 0, 0, None
+    for sample in iter_tar_samples(url):
+        samples += 1
+        if sample.error is not None:
+            first_problem = first_problem or sample.error[1]
+            continue
+        try:
+            if tasks_of_record(sample.meta):
+                with_targets += 1
+                continue
+            first_problem = first_problem or f"{sample.where}: {why_no_target(sample.meta)}"
+        except UnknownTaskError as exc:
+            first_problem = first_problem or f"{sample.where}: {exc}"
+    if samples == 0:
+        return "is a tar file with no file members (an empty shard)"
+    if with_targets == 0:
+        return f"holds {samples} sample(s), none usable; the first: {first_problem}"
+    if _index_entry(url) is not None:
+        return (f"holds {with_targets} sample(s) with targets, but {INDEX_FILE} beside it counts no example of "
+                f"it; rewrite {INDEX_FILE} (python -m loaders.make_shards) or remove it")
+    return (f"holds {with_targets} sample(s) with targets, each skipped under the data settings (audio or text "
+            "too long, a label outside the set, audio that does not decode: the skip counts say which)")
+
+
+def _index_entry(url: str) -> dict | None:
+    """The shard's entry in the shards.json beside it, if there is one."""
+    if not (is_local(url) or url.startswith("file://")):
+        return None
+    path = os.path.join(os.path.dirname(local_path(url)), INDEX_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("shards", {}).get(os.path.basename(local_path(url)))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def no_example_message(urls: list[str], config_key: str, counted: str = "") -> str:
+    """The error for a shard list that yields no example at all, naming the shards and why;
+    ``counted``: how the examples read were counted, when they were."""
+    shown = urls[:NO_EXAMPLE_SHARDS_SHOWN]
+    reasons = "; ".join(f"{url} {why_shard_has_no_example(url)}" for url in shown)
+    more = f" (and {len(urls) - len(shown)} more shard(s) not shown)" if len(urls) > len(shown) else ""
+    return (f"{config_key}: its {len(urls)} shard(s) yield no usable example: {reasons}{more}{counted}. A shard is a tar of "
+            "<key>.json + <key>.<audio ext> pairs; build shards with python -m loaders.make_shards")

@@ -146,3 +146,45 @@ def test_a_repeated_key_is_noted_and_a_repeated_shard_list_refused():
         "max_steps is given 2 times (3, 4): the last, 4, is used"]
     with pytest.raises(ConfigError, match="data.val is given 2 times"):
         check_repeated_keys(["data.val=/d/val-000000.tar", "data.val=/d/val-000001.tar"])
+
+
+def test_a_list_of_brace_range_sources_is_read_as_typed(tmp_path):
+    """YAML cannot parse a brace range inside a flow list; the override still means two sources."""
+    cfg = load_config("random", ["data.train=[[/d/a/train-{000000..000001}.tar],[/d/b/train-{000000..000003}.tar]]",
+                                 "data.weights=[1,3]", "data.val=[/d/val-{0,1}.tar, '/d/x-{2..3}.tar']",
+                                 f"output_dir={tmp_path / 'run'}"])
+    assert cfg.data.train == [["/d/a/train-{000000..000001}.tar"], ["/d/b/train-{000000..000003}.tar"]]
+    assert cfg.data.weights == [1.0, 3.0]
+    assert cfg.data.val == ["/d/val-{0,1}.tar", "/d/x-{2..3}.tar"]
+    from loaders.shards import expand_sources
+    assert [len(urls) for urls in expand_sources(cfg.data.train)] == [2, 4]
+    # A value starting with "{" stays a brace URL string, as before.
+    cfg = load_config("random", ["data.train={/d/a,/d/b}/train-000000.tar", f"output_dir={tmp_path / 'run'}"])
+    assert expand_sources(cfg.data.train) == [["/d/a/train-000000.tar", "/d/b/train-000000.tar"]]
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("[[/d/a/train-{000000..000001}.tar],[/d/b/train-{0..1.tar]]", "is not closed by '}'"),
+    ("[/d/a/train-{0..1}.tar, /d/b/x.tar", "'[' is not closed"),
+    ("[/d/a-{0..1}.tar] /d/b.tar", "after the list"),
+    ("[/d/a-{0..1}.tar,,/d/b.tar]", "empty item"),
+])
+def test_a_list_that_cannot_be_read_is_an_error_that_says_to_quote_each_url(value, problem):
+    with pytest.raises(ConfigError) as e:
+        load_config("random", [f"data.train={value}"])
+    msg = str(e.value)
+    assert "data.train" in msg and problem in msg and "quote each URL" in msg
+    assert "[['/d/a/train-{000000..000007}.tar'], ['/d/b/train-{000000..000003}.tar']]" in msg
+
+
+def test_demo_dir_that_is_a_file_is_a_config_error_when_the_demo_set_is_used(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    for demo_dir in (a_file, a_file / "demo"):
+        with pytest.raises(ConfigError) as e:
+            load_config("random", [f"data.demo_dir={demo_dir}", f"output_dir={tmp_path / 'run'}"])
+        assert "data.demo_dir" in str(e.value) and str(a_file) in str(e.value) and "not a folder" in str(e.value)
+    # With data.train set the demo set is not used, so its folder does not matter.
+    cfg = load_config("random", [f"data.demo_dir={a_file}", "data.train=/d/train-000000.tar",
+                                 f"output_dir={tmp_path / 'run'}"])
+    assert cfg.data.demo_dir == str(a_file)

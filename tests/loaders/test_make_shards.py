@@ -350,3 +350,17 @@ def test_a_write_failure_part_way_is_one_line_and_exit_4(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "train-000000.tar" in err
     assert "shards.json was not updated" in err and not (tmp_path / "out" / INDEX_FILE).exists()
+
+
+def test_manifest_folder_and_non_string_audio_are_said_as_such(tmp_path, capsys):
+    assert make_shards_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"manifest {tmp_path} is a folder" in err and ".jsonl file" in err and "does not exist" not in err
+    manifest = _write_manifest(tmp_path / "manifest.jsonl", [{"audio": 7, "text": "نص"}, {"audio": "", "text": "نص"},
+                                                             {"audio": ["a.wav"], "text": "نص"}])
+    make_shards_main([str(manifest), str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "refused row 1: 'audio' is 7 (int), not a path; give the audio file's path as a string" in out
+    assert "refused row 2: empty 'audio'" in out
+    assert "refused row 3: 'audio' is [\"a.wav\"] (list), not a path" in out
+    assert "missing 'audio'" not in out
