@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -126,8 +127,63 @@ def run_config_of(root: Path) -> dict | None:
     return json.loads(json.dumps(yaml.safe_load(path.read_text(encoding="utf-8"))))
 
 
+def damaged_checkpoint(folder: Path, name: str, problem: str) -> CheckpointError:
+    """The error for a checkpoint with a missing or unreadable file: which folder, which file, and
+    how to go on (from the previous checkpoint, or in a new output_dir)."""
+    folder = Path(folder)
+    earlier = [p for p in list_checkpoints(folder.parent) if p.name < folder.name]
+    if earlier:
+        way_on = (f"remove {folder} and run the same command again to resume from the previous checkpoint "
+                  f"({earlier[-1]})")
+    else:
+        way_on = (f"no earlier checkpoint is left in {folder.parent}: train again in a new output_dir (or remove "
+                  "this run folder)")
+    return CheckpointError(f"checkpoint {folder} is damaged: {name} {problem}. It cannot be resumed; {way_on}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first sentence of an error's message (torch's own go on for lines), or its class name."""
+    text = str(error).strip()
+    return (text.splitlines()[0].split(". ")[0][:300] if text else "") or type(error).__name__
+
+
 def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
+    file = Path(path) / META
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise damaged_checkpoint(path, META, "is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged_checkpoint(path, META, f"cannot be read ({first_line(e)})") from None
+    missing = [key for key in ("step", "world_size") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise damaged_checkpoint(path, META, f"lacks {', '.join(missing)}")
+    return meta
+
+
+def check_checkpoint_files(path: Path, ranks) -> None:
+    """The files a resume of `ranks` reads: present and not empty (a copy cut short, a full disk)."""
+    path = Path(path)
+    for name in [".metadata"] + [f"rank{r}.pt" for r in ranks] + sorted(p.name for p in path.glob("*.distcp")):
+        file = path / name
+        if not file.is_file():
+            raise damaged_checkpoint(path, name, "is missing")
+        if file.stat().st_size == 0:
+            raise damaged_checkpoint(path, name, "is empty")
+
+
+def weights_error(path: Path, error: BaseException) -> CheckpointError:
+    """DCP's load error: weights of other shapes (another LoRA or model setting), else a damaged file.
+    DCP's own error is a per-rank traceback dump: name the likely cause instead."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatch = next((line for line in lines if "size" in line.lower() or "mismatch" in line.lower()), None)
+    if mismatch is not None:
+        return CheckpointError(f"checkpoint {path} does not fit this model ({mismatch[:300]}): it was written with "
+                               "other LoRA or model settings (lora.rank, lora.targets, model.*). Resume with the "
+                               "settings of its run (its config.yaml), or start a new run in a new output_dir")
+    problem = lines[-1][:300] if lines else type(error).__name__
+    files = ", ".join(sorted(p.name for p in Path(path).glob("*.distcp"))) or "*.distcp"
+    return damaged_checkpoint(path, f"its weights ({files}, .metadata)", f"cannot be read ({problem})")
 
 
 def find_resume_point(root: Path, resume: str) -> Path | None:
@@ -151,14 +207,11 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int, world_size: int)
     check_world_size(path, read_meta(path), world_size)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_sd, "optim": optim_sd}
+    check_checkpoint_files(path, [rank])
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP's own error is a per-rank traceback dump: name the likely cause instead
-        first = next((line.strip() for line in str(e).splitlines() if "size" in line.lower() or "mismatch" in line.lower()),
-                     str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first[:300]}): it was written with other "
-                              "LoRA or model settings (lora.rank, lora.targets, model.*). Resume with the settings of "
-                              "its run (its config.yaml), or start a new run in a new output_dir") from e
+    except (Exception, CheckpointException) as e:   # DCP's CheckpointException is a BaseException
+        raise weights_error(path, e) from e
     # Frozen weights are not in the checkpoint: load non-strictly, then check that exactly
     # the frozen ones were absent.
     result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -168,7 +221,12 @@ def load_checkpoint(path: Path, model, optimizer, *, rank: int, world_size: int)
     if missing or getattr(result, "unexpected_keys", []):
         raise CheckpointError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
                            f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]} (different LoRA targets or rank?)")
-    per_rank = torch.load(Path(path) / f"rank{rank}.pt", weights_only=False)
+    try:
+        per_rank = torch.load(Path(path) / f"rank{rank}.pt", weights_only=False)
+    except Exception as e:   # a truncated or overwritten file: torch's zip reader or unpickler fails
+        raise damaged_checkpoint(path, f"rank{rank}.pt", f"cannot be read ({first_line(e)})") from e
+    if not isinstance(per_rank, dict) or "rng" not in per_rank or "train" not in per_rank:
+        raise damaged_checkpoint(path, f"rank{rank}.pt", "does not hold this engine's per-rank state")
     set_rng_state(per_rank.pop("rng"))
     return per_rank
 
@@ -292,6 +350,8 @@ def plan_resume(out_dir: Path, cfg, world_size: int) -> tuple[Path | None, list[
                 "new output_dir, or remove the old folder to train it again from step 0")
         return None, []
     meta = read_meta(point)
+    # Before the run folder is written and the model built: every rank's files are there.
+    check_checkpoint_files(point, range(meta["world_size"]) if isinstance(meta["world_size"], int) else [0])
     later = [p.name for p in existing if step_of(p) > meta["step"]]
     if later:
         raise CheckpointError(

@@ -9,8 +9,10 @@ Command line:
   [--adapter DIR] [key=value ...]`` loads the run's config.yaml (plus overrides, e.g.
   ``data.val=...``), builds its model, loads its adapter (RUN_DIR/adapter unless --adapter),
   generates greedily in batches on the split's shards (all samples unless --max-samples) and
-  writes predictions.jsonl (task, key, prediction, reference), eval.json (metrics per task)
-  and eval.md into RUN_DIR. Under torchrun the samples are split across ranks
+  writes predictions.jsonl (task, key, prediction, reference), eval.json (split, sample
+  counts, --max-samples, adapter, and "metrics" per task) and eval.md into RUN_DIR; for
+  --split train the files are predictions-train.jsonl, eval-train.json and eval-train.md, so
+  the validation results (which engine.report shows) are never overwritten. Under torchrun the samples are split across ranks
   (``torchrun --nproc_per_node=2 -m engine.evaluate -- --run RUN_DIR``: the ``--`` keeps
   torchrun from taking ``--run`` for an abbreviation of its own ``--run-path``). Generation is
   engine.generation's lockstep greedy decoding, the same code that validates during training.
@@ -117,6 +119,17 @@ class RunFolderError(ValueError):
 RUN_CONFIG_FILE = "config.yaml"
 RUN_ADAPTER_DIR = "adapter"
 RUN_OUTPUTS = ("predictions.jsonl", "eval.json", "eval.md")
+# The split whose results are the run's evaluation (the report reads them): its files keep the
+# plain names; another split's get the split in theirs (eval-train.json), so that evaluating the
+# training shards never overwrites the validation results.
+MAIN_SPLIT = "val"
+
+
+def run_output_names(split: str) -> tuple[str, ...]:
+    """predictions, eval.json, eval.md file names of `split`: eval.json for val, eval-train.json for train."""
+    if split == MAIN_SPLIT:
+        return RUN_OUTPUTS
+    return tuple(f"{Path(name).stem}-{split}{Path(name).suffix}" for name in RUN_OUTPUTS)
 
 
 def check_run_folder(run_dir: Path, adapter_dir: Path | None) -> tuple[Path, Path]:
@@ -175,14 +188,22 @@ def generate_with_run(cfg, env, run_dir: Path, adapter_dir: Path, *, split: str,
 
 
 def write_run_evaluation(run_dir: Path, records: list[dict], metrics_by_task: dict[str, dict],
-                         split: str) -> list[Path]:
-    paths = [run_dir / name for name in RUN_OUTPUTS]
+                         split: str, max_samples: int | None = None, adapter_dir: Path | None = None) -> list[Path]:
+    """predictions, eval.json ({"split", "n_samples", "n_samples_per_task", "max_samples", "adapter",
+    "metrics": {task: {...}}}) and eval.md of `split`, named by run_output_names."""
+    paths = [run_dir / name for name in run_output_names(split)]
     with open(paths[0], "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps({field: record[field] for field in ("task", "key", "prediction", "reference")},
                                ensure_ascii=False) + "\n")
-    paths[1].write_text(json.dumps(metrics_by_task, ensure_ascii=False, indent=2), encoding="utf-8")
-    header = (f"# Evaluation of {run_dir.name}\n\n{len(records)} {split} samples, greedy decoding; "
+    per_task = {task: sum(1 for r in records if r["task"] == task) for task in TASKS}
+    document = {"split": split, "n_samples": len(records),
+                "n_samples_per_task": {task: n for task, n in per_task.items() if n},
+                "max_samples": max_samples, "adapter": str(adapter_dir) if adapter_dir else None,
+                "metrics": metrics_by_task}
+    paths[1].write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+    limit = f" (--max-samples {max_samples})" if max_samples else ""
+    header = (f"# Evaluation of {run_dir.name}\n\n{len(records)} {split} samples{limit}, greedy decoding; "
               f"predictions in {paths[0].name}\n\n")
     paths[2].write_text(header + metrics_markdown(metrics_by_task), encoding="utf-8")
     return paths
@@ -212,7 +233,8 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, dict] | None:
         labels = run_label_sets(args, cfg)
         metrics_by_task = score_records([PredictionRecord(r["task"], r["prediction"], r["reference"])
                                          for r in records], labels, taa_marbuta=args.taa_marbuta)
-        for path in write_run_evaluation(args.run, records, metrics_by_task, args.split):
+        for path in write_run_evaluation(args.run, records, metrics_by_task, args.split, args.max_samples,
+                                         adapter_dir):
             print(f"wrote {path}", file=sys.stderr)
         return metrics_by_task
     finally:

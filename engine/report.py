@@ -4,10 +4,12 @@
 
 Each run folder holds config.yaml (its ``recipe``), metrics.jsonl (training rows, ``"event":
 "stage"`` rows at curriculum stage boundaries, ``"event": "eval"`` rows) and summary.json,
-and optionally eval.json (metrics of the generation pass after training, per task). The
-report writes into --out:
+and optionally eval.json (metrics of the generation pass of ``engine.evaluate --run`` on the
+validation split, per task, with the split and the sample count; another split's results are
+in eval-<split>.json, which the report does not read). The report writes into --out:
 
-- report.md: one row per run with recipe, steps, tokens, tokens/s, final WER/CER, ROUGE-L,
+- report.md: one row per run with recipe, status (finished, or STOPPED at step k of
+  max_steps and by what), steps, tokens, tokens/s, final WER/CER, ROUGE-L,
   DID/SER macro-F1 and the per-task validation loss (best value per column in bold), then
   the final training loss per task, then the plots.
 - train_loss.png, val_loss.png: per-task training / validation loss vs tokens.
@@ -62,6 +64,8 @@ class RunRecord:
     stage_rows: list[dict] = field(default_factory=list)
     eval_rows: list[dict] = field(default_factory=list)
     final_eval: dict | None = None  # eval.json, metrics per task
+    final_eval_source: str = "eval.json"  # where final_eval comes from, with its split and sample count
+    budget: dict = field(default_factory=dict)  # config.yaml's max_steps / max_tokens (0: not set)
 
 
 # --- reading a run folder
@@ -86,7 +90,7 @@ def _read_json_object(run_dir: Path, path: Path) -> dict:
     return value
 
 
-def _read_recipe(run_dir: Path) -> str:
+def _read_config(run_dir: Path) -> dict:
     path = _required_file(run_dir, "config.yaml")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -94,6 +98,10 @@ def _read_recipe(run_dir: Path) -> str:
         raise ReportError(f"run {run_dir}: config.yaml is not valid YAML ({error})") from None
     if not isinstance(config, dict):
         raise ReportError(f"run {run_dir}: config.yaml must be a mapping of settings")
+    return config
+
+
+def _read_recipe(run_dir: Path, config: dict) -> str:
     for key in ("recipe", "name"):
         if isinstance(config.get(key), str) and config[key]:
             return config[key]
@@ -131,14 +139,28 @@ def load_run(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run {run_dir}: folder not found")
-    run = RunRecord(directory=run_dir, label=run_dir.name, recipe=_read_recipe(run_dir),
-                    summary=_read_json_object(run_dir, _required_file(run_dir, "summary.json")))
+    config = _read_config(run_dir)
+    run = RunRecord(directory=run_dir, label=run_dir.name, recipe=_read_recipe(run_dir, config),
+                    summary=_read_json_object(run_dir, _required_file(run_dir, "summary.json")),
+                    budget={key: config.get(key) for key in ("max_steps", "max_tokens")})
     _read_metrics_rows(run_dir, run)
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         final_eval = _read_json_object(run_dir, eval_path)
         run.final_eval = final_eval.get("metrics", final_eval)
+        run.final_eval_source = eval_source(final_eval)
     return run
+
+
+def eval_source(document: dict) -> str:
+    """"eval.json (val, 200 samples)"; the split in capitals where it is not val (eval.json written by
+    an older engine's --split train); plain "eval.json" for a file that records neither."""
+    split, n = document.get("split"), document.get("n_samples")
+    if split is None and n is None:
+        return "eval.json"
+    where = "val" if split == "val" else f"{str(split).upper()} split, not val"
+    limit = f", --max-samples {document['max_samples']}" if document.get("max_samples") else ""
+    return f"eval.json ({where}, {n if n is not None else '?'} samples{limit})"
 
 
 def _unique_labels(runs: list[RunRecord]) -> None:
@@ -160,13 +182,33 @@ def _number(value) -> float | None:
 def final_eval_metrics(run: RunRecord) -> tuple[dict, str]:
     """Eval metrics per task and where they come from."""
     if run.final_eval:
-        return run.final_eval, "eval.json"
+        return run.final_eval, run.final_eval_source
     for row in reversed(run.eval_rows):
         if row.get("metrics"):
             return row["metrics"], f"eval @ step {row.get('step', '?')}"
     if run.summary.get("eval"):
         return run.summary["eval"], "summary.json"
     return {}, "none"
+
+
+def run_status(run: RunRecord) -> str:
+    """"finished", or how far a run that stopped before its end got and why: "STOPPED at step 2 of 4
+    (SIGTERM)". A summary without stopped_by (an older engine's) is judged by its steps alone."""
+    summary = run.summary
+    max_steps = _number(summary.get("max_steps") or run.budget.get("max_steps")) or 0
+    max_tokens = _number(summary.get("max_tokens") or run.budget.get("max_tokens")) or 0
+    steps, tokens = _number(summary.get("steps")) or 0, _number(summary.get("tokens")) or 0
+    short = (max_steps > 0 and steps < max_steps) or (max_tokens > 0 and tokens < max_tokens)
+    if not summary.get("stopped_by") and not short:
+        return "finished"
+    if max_steps > 0:
+        where = f"at step {int(steps):,} of {int(max_steps):,}"
+    elif max_tokens > 0:
+        where = f"at {int(tokens):,} of {int(max_tokens):,} tokens"
+    else:
+        where = f"at step {int(steps):,}"
+    reason = f" ({summary['stopped_by']})" if summary.get("stopped_by") else ""
+    return f"STOPPED {where}{reason}"
 
 
 def latest_val_loss(run: RunRecord) -> dict:
@@ -223,7 +265,7 @@ def _best_value(values: list[float | None], better: str | None) -> float | None:
 
 def comparison_table(runs: list[RunRecord]) -> str:
     columns = _table_columns()
-    headers = ["run", "recipe", *[header for header, _, _ in columns], "eval metrics from"]
+    headers = ["run", "recipe", "status", *[header for header, _, _ in columns], "eval metrics from"]
     values = [[getter(run) for _, getter, _ in columns] for run in runs]
     best = [_best_value([row[index] for row in values], better)
             for index, (_, _, better) in enumerate(columns)]
@@ -234,8 +276,12 @@ def comparison_table(runs: list[RunRecord]) -> str:
             text = _format_cell(header, row[index])
             cells.append(f"**{text}**" if row[index] is not None and row[index] == best[index]
                          else text)
-        lines.append("| " + " | ".join([run.label, run.recipe, *cells,
+        lines.append("| " + " | ".join([run.label, run.recipe, run_status(run), *cells,
                                          final_eval_metrics(run)[1]]) + " |")
+    stopped = [run.label for run in runs if run_status(run) != "finished"]
+    if stopped:
+        lines += ["", f"Stopped before the end of the run (resume it with the same command): {', '.join(stopped)}; "
+                      "its numbers are those of the steps done."]
     return "\n".join(lines)
 
 
@@ -362,12 +408,24 @@ def plot_eval_metrics(runs: list[RunRecord], out_dir: Path) -> list[Path]:
 
 # --- the report
 
+def make_out_dir(out_dir: Path) -> None:
+    """--out: a folder (created if missing); a file, or a path that cannot be created, is a ReportError."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir} is a file, not a folder: the report writes report.md and PNG plots into "
+                          "a folder; give a folder path (it is created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:   # a parent that is a file, no permission, a read-only disk
+        raise ReportError(f"--out {out_dir}: cannot create the folder ({error.strerror or error}); give a folder "
+                          "path you can write to") from None
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Read every run, write report.md and the plots into out_dir; returns report.md's path."""
+    out_dir = Path(out_dir)
     runs = [load_run(run_dir) for run_dir in run_dirs]
     _unique_labels(runs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     plots = [plot_training_loss(runs, out_dir), plot_validation_loss(runs, out_dir),
              *plot_eval_metrics(runs, out_dir)]
     plots = [path for path in plots if path is not None]

@@ -12,12 +12,9 @@ One optimizer step:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from engine.config import RunConfig
 from engine.metrics import (LogWindow, MetricsWriter, batch_flops_inputs, device_peak_flops, flops_model_of,
                             format_line, peak_memory_gib)
 from engine.parallel import DistEnv, all_reduce_sum, set_gradient_sync
+from engine.stopping import stop_on_signals
 from loaders.packing import token_slots
 from loaders.rank_counts import gather_rank_counts
 from loaders.tasks import TASKS
@@ -140,6 +138,9 @@ class Trainer:
                 # a validation a SIGTERM abandoned at this step: the resumed run does it first
                 "pending_eval": validation.pending if validation is not None else None,
                 "last_eval": getattr(self, "last_eval", None),  # for summary.json of a resumed finished run
+                # the latest logged loss of each task: a resumed run's summary covers the whole run,
+                # not only the tasks its own segment logged
+                "final_losses": dict(self.final_losses),
                 "log_window": self.window.state_dict()}
 
     def resume(self) -> bool:
@@ -161,6 +162,7 @@ class Trainer:
             self.last_eval = per_rank.get("last_eval")
         if per_rank.get("log_window"):
             self.window = LogWindow.from_state(per_rank["log_window"])
+        self.final_losses = dict(per_rank["final_losses"]) if "final_losses" in per_rank else self.logged_losses()
         self.last_checkpoint = point
         self.log(f"resumed from {point} at step {self.state.step}")
         if self.budget_reached():
@@ -169,6 +171,22 @@ class Trainer:
                      "train; finishing its outputs (final validation if not yet done, adapter, summary). Raise "
                      "max_steps/max_tokens to train on")
         return True
+
+    def logged_losses(self) -> dict:
+        """The latest loss of each task in metrics.jsonl up to the current step: the final losses
+        of a checkpoint written before checkpoints stored them."""
+        losses: dict = {}
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return losses
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "event" not in row and row.get("step", 0) <= self.state.step:
+                losses.update(row.get("loss_per_task") or {})
+        return losses
 
     def save(self) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
@@ -269,7 +287,7 @@ class Trainer:
         if self.state.bad_in_a_row >= self.cfg.optim.max_bad_steps:
             raise TrainingStopped(
                 f"{self.state.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last at step "
-                f"{self.state.step}). Lower optim.lr, check the data for corrupt samples, or raise optim.max_bad_steps.")
+                f"{self.state.step + 1}, counted from 1 as logged). Lower optim.lr, check the data for corrupt samples, or raise optim.max_bad_steps.")
         flops_total = torch.tensor([flops], dtype=torch.float64)
         flops_total = float(all_reduce_sum(flops_total.to(env.device)).cpu())
         return StepStats(loss=loss_value, targets=global_targets, per_task_sums=per_task_sums,
@@ -302,9 +320,17 @@ class Trainer:
     def done(self) -> bool:
         """Stop training: the end of the run, a SIGTERM, or debug.stop_after_steps (which acts as a
         preemption: it stops to be resumed)."""
-        if self.stop_signal is not None or self.budget_reached():
-            return True
-        return 0 < self.cfg.debug.stop_after_steps <= self.state.step
+        return self.stop_signal is not None or self.budget_reached() or self.stopped_for_debug()
+
+    def stopped_for_debug(self) -> bool:
+        """debug.stop_after_steps reached before the end of the run (a stop to be resumed)."""
+        return not self.budget_reached() and 0 < self.cfg.debug.stop_after_steps <= self.state.step
+
+    def stopped_by(self) -> str | None:
+        """Why a run that has not reached its end stopped: "SIGTERM", "debug.stop_after_steps"; None at the end."""
+        if self.stop_signal is not None:
+            return self.stop_signal
+        return "debug.stop_after_steps" if self.stopped_for_debug() else None
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -356,10 +382,14 @@ class Trainer:
             if self.stop_signal is not None:
                 self.log(f"{self.stop_signal} received: checkpoint at step {self.state.step}, then stop; "
                          "the same command resumes from it")
+            elif self.stopped_for_debug():
+                self.log(f"debug.stop_after_steps={self.cfg.debug.stop_after_steps} reached: checkpoint at step "
+                         f"{self.state.step}, then stop (as a preempted job); the same command without it resumes")
             elif self.budget_reached() and "on_end" in self.hooks:
                 # Before the final checkpoint, which then records it: a resume of the finished
                 # run does not validate again, and a longer run keeps this eval row.
                 self.hooks["on_end"](self)
+                self.state.wall_s = wall_before + time.perf_counter() - start  # the checkpoint records its time
             if self._checkpoint_is_current():
                 self.log(f"checkpoint {self.last_checkpoint} already holds step {self.state.step}: not written again")
             else:
@@ -438,7 +468,8 @@ class Trainer:
         return {"recipe": self.cfg.recipe, "steps": self.state.step, "tokens": self.state.tokens,
                 "tokens_per_sec": self.state.tokens / train_s,
                 "tokens_per_sec_per_device": self.state.tokens / train_s / self.env.world_size,
-                "train_s": self.state.train_s, "stopped_by": self.stop_signal,
+                "train_s": self.state.train_s, "stopped_by": self.stopped_by(),
+                "max_steps": self.cfg.max_steps or None, "max_tokens": self.cfg.max_tokens or None,
                 "final_loss_per_task": self.final_losses,
                 "packing_efficiency": self.state.tokens / max(self.state.slots, 1),
                 "budget_fill": self.state.tokens / max(self.state.step * self.step_token_budget(), 1),
@@ -449,42 +480,6 @@ class Trainer:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-# A scheduler that signals the whole process group reaches each rank twice: directly, and through
-# torchrun, which passes its own SIGTERM on to its workers moments later. A second SIGTERM within
-# this window is that same stop, not a request to stop at once.
-REPEATED_SIGTERM_WINDOW_S = 5.0
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGTERM (a scheduler's preemption, torchrun passing on its own SIGTERM) asks the trainer
-    to checkpoint at the end of the current step and stop; a second SIGTERM (5 s or more later) stops at once.
-    torchrun waits ~30 s for its workers after a SIGTERM before killing them: a LoRA checkpoint
-    (adapters and their optimizer state) takes far less. Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigterm(signum, frame):
-        if trainer.signal_received and time.monotonic() - trainer.signal_time < REPEATED_SIGTERM_WINDOW_S:
-            return  # the same stop, delivered twice (to the process group, and passed on by torchrun)
-        if trainer.signal_received:
-            where = f"; resume from {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
-            print(f"[omnitrain] rank {trainer.env.rank}: second SIGTERM: stopping now, without a checkpoint{where}",
-                  flush=True)
-            raise SystemExit(128 + signum)
-        trainer.signal_received = True
-        trainer.signal_time = time.monotonic()
-        print(f"[omnitrain] rank {trainer.env.rank}: SIGTERM received, stopping after this step with a checkpoint "
-              "(send it again, 5 s or more later, to stop at once)", flush=True)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def device_name(device: torch.device) -> str:

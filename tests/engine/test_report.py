@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.report import ReportError, load_run, main, write_report
+from engine.report import ReportError, load_run, main, run_status, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -201,3 +201,31 @@ def test_stage_boundaries_after_the_first_stage_are_marked(two_runs):
 def test_eval_json_may_wrap_its_metrics(two_runs):
     (two_runs[0] / "eval.json").write_text(json.dumps({"metrics": {"asr": {"wer": 0.25}}}))
     assert load_run(two_runs[0]).final_eval == {"asr": {"wer": 0.25}}
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_cli_out_that_is_not_a_folder_is_one_error_line(two_runs, tmp_path, out):
+    (tmp_path / "a_file").write_text("not a folder\n")
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine.report", str(two_runs[0]), "--out", str(tmp_path / out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    assert completed.stderr.startswith(f"error: --out {tmp_path / out}") and "folder" in completed.stderr
+    assert (tmp_path / "a_file").read_text() == "not a folder\n"
+
+
+def test_a_run_stopped_before_its_end_is_marked_with_how_far_it_got(two_runs, tmp_path):
+    random_run, hybrid_run = two_runs
+    with open(random_run / "config.yaml", "a", encoding="utf-8") as f:
+        f.write("max_steps: 100\n")
+    summary = json.loads((random_run / "summary.json").read_text())
+    (random_run / "summary.json").write_text(json.dumps({**summary, "stopped_by": "SIGTERM"}))
+    assert main([str(random_run), str(hybrid_run), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    rows = _comparison_rows(report)
+    assert rows["random-run"]["status"] == "STOPPED at step 40 of 100 (SIGTERM)"
+    assert rows["hybrid-run"]["status"] == "finished"
+    assert "Stopped before the end of the run (resume it with the same command): random-run" in report
+    # an older summary without stopped_by: its steps short of max_steps still mark it
+    (random_run / "summary.json").write_text(json.dumps({**summary, "stopped_by": None}))
+    assert run_status(load_run(random_run)) == "STOPPED at step 40 of 100"

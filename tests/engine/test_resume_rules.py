@@ -23,9 +23,12 @@ def make_cfg(out, *overrides, recipe="random"):
 
 
 def fake_checkpoint(out, step, cfg=None, world_size=1, tokens=0):
-    """A complete checkpoint as plan_resume sees it: a step folder with meta.json."""
+    """A complete checkpoint as plan_resume sees it: a step folder with meta.json, and its other
+    files present (plan_resume checks that none is missing or empty; their contents are not read)."""
     folder = out / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
+    for name in [".metadata", "__0_0.distcp"] + [f"rank{r}.pt" for r in range(world_size)]:
+        (folder / name).write_bytes(b"not read by plan_resume")
     config = json.loads(json.dumps(config_to_dict(cfg))) if cfg is not None else None
     meta = {"step": step, "world_size": world_size, "tokens": tokens}
     if config is not None:

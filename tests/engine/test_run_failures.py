@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch
+
 from conftest import REPO, TORCHRUN
 
 # A healthy tiny run reaches its first step in ~10 s on this machine; the old failure mode was a
@@ -51,9 +54,11 @@ def test_an_error_on_one_rank_ends_the_job_quickly_and_names_the_rank(demo_dir, 
     assert time.monotonic() - start < FAILED_JOB_DEADLINE_S
 
 
-def cli(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+def cli(args: list[str], timeout: int = 120, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """engine/train.py with `args`; `unset`: environment variables the run must not see."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run([sys.executable, "engine/train.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          timeout=timeout, env=dict(env, OMP_NUM_THREADS="1"))
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -94,3 +99,26 @@ def test_a_setting_given_twice_is_refused_not_last_one_wins(tmp_path):
 def test_model_path_problems_are_one_line_and_exit_2(tmp_path):
     proc = cli(["--recipe", "random", "max_steps=2", f"model.path={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}"])
     assert_one_line_error(proc, "model.path=", "is not a folder")
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("lora.impl=triton", "lora.impl=triton needs a CUDA device"),
+    ("loss.impl=triton", "loss.impl=triton needs a CUDA device"),
+    ("model.attn_backend=flash_attn", "model.attn_backend=flash_attn is not available on cpu"),
+    ("model.liger=true", "model.liger=true needs CUDA"),
+])
+def test_a_setting_this_device_cannot_run_is_one_line_and_exit_2(tmp_path, setting, needle):
+    if torch.cuda.is_available():
+        pytest.skip("these settings are refused on a machine without CUDA")
+    # tests/conftest.py sets TRITON_INTERPRET=1, under which the Triton kernels do run on CPU
+    proc = cli(["--recipe", "random", "max_steps=1", setting, f"output_dir={tmp_path / 'run'}"],
+               unset=("TRITON_INTERPRET",))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_too_many_bad_steps_names_the_last_bad_step_as_logged(tmp_path):
+    proc = cli(["--recipe", "random", "max_steps=4", "debug.nonfinite_loss_at=[1,2]", "optim.max_bad_steps=2",
+                "metrics.progress_bar=false", f"output_dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "2 steps in a row", "last at step 2,")
+    assert "step 2: non-finite loss" in proc.stdout   # the same number as the step's own log line

@@ -138,7 +138,9 @@ def test_evaluate_run_writes_predictions_eval_json_and_md(evaluated_run, worker_
     predictions = [json.loads(line) for line in (evaluated_run / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == GENERATED
     assert all(set(p) == {"task", "key", "prediction", "reference"} and p["reference"] for p in predictions)
-    metrics = json.loads((evaluated_run / "eval.json").read_text())
+    document = json.loads((evaluated_run / "eval.json").read_text())
+    assert (document["split"], document["n_samples"], document["max_samples"]) == ("val", GENERATED, GENERATED)
+    metrics = document["metrics"]
     assert set(metrics) == set(TASKS)
     assert "confusion" in metrics["did"]
     # The saved adapter, loaded into a fresh 1-process model, decodes what the 2-process run
