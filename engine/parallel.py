@@ -77,7 +77,9 @@ def init_distributed() -> DistEnv:
 
 def close_distributed() -> None:
     """The success path: a barrier before teardown (on gloo a rank leaving early can abort the
-    others at exit). Every rank reaches it only when every rank finished its work."""
+    others at exit). Every rank reaches it only when every rank finished its work. gloo's worker
+    threads outlive this (they may still be releasing a finished collective's tensors): a finished
+    multi-process run therefore leaves without interpreter finalization (engine/train.py leave_process)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -10,9 +10,12 @@ Errors the project raises on purpose (a bad setting, shard, sample or checkpoint
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 if __package__ in (None, ""):  # run as a script (torchrun engine/train.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -112,5 +115,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Exit codes of a run that ended through run_training's normal return: every output written and
+# closed, the process group torn down after a barrier (engine/parallel.py close_distributed).
+FINISHED_EXITS = (0, SIGTERM_EXIT)
+# What CPython returns when it cannot flush stdout at exit (Py_FinalizeEx); kept on the os._exit path.
+FLUSH_FAILED_EXIT = 120
+
+
+def leave_process(code: int) -> NoReturn:
+    """Exit with `code`; a finished multi-process run skips interpreter finalization.
+
+    Why: 2-process CPU runs (FSDP2 over gloo) were seen to finish every step, print "done", write
+    summary.json, pass the closing barrier and destroy_process_group, and then have one rank die with
+    SIGABRT ("terminate called without an active exception"): torchrun reports the finished job as
+    failed. The core dump shows the main thread in Py_FinalizeEx and a gloo worker thread
+    (ProcessGroupGloo::runLoop) dropping its reference to a finished all-gather (FSDP2's
+    AsyncAllgatherCoalescedWork): releasing its output views decrefs their base tensor's Python
+    object, which takes the GIL; during finalization that thread is ended by pthread_exit, whose
+    unwinding through a noexcept destructor calls std::terminate (the mechanism of pytorch PR
+    #179291). The worker drops a work's tensors only after `wait()` has returned to Python, so on a
+    busy machine it can still be doing so when the main thread finalizes; no barrier waits for that,
+    and destroy_process_group does not stop those threads (FSDP2's DeviceMesh keeps the ProcessGroup
+    in its registry and DTensor's caches keep the mesh). After a finished run finalization has
+    nothing left to do that a user could notice, so such a run leaves with os._exit, after doing by
+    hand what normal exit does first: the atexit handlers (logging.shutdown, multiprocessing's child
+    cleanup, the DataLoader worker guard) and flushing stdout/stderr. (TensorBoard and metrics.jsonl
+    were closed by the trainer, summary.json written, before run_training returned.)
+
+    Everything else exits normally: one process (never seen to abort; no gloo peer, no FSDP2 on one CPU),
+    a user error (2) or a failure (the process group was aborted, not closed), a process group still
+    initialized, or a non-daemon thread still running (normal exit waits for it; os._exit would not)."""
+    distributed = sys.modules.get("torch.distributed")   # not imported: no process group to check
+    finished = (code in FINISHED_EXITS and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                and not (distributed is not None and distributed.is_available() and distributed.is_initialized()))
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not finished or others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe or stream: what normal exit reports too
+            code = code or FLUSH_FAILED_EXIT
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave_process(main())
