@@ -239,7 +239,7 @@ class MetricsWriter:
             self.tb = self._open_tensorboard()
         if self.tb:
             step = row.get("step", 0)
-            for key, value in _flatten(row).items():
+            for key, value in flatten_dict(row).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self.tb.add_scalar(key, value, step)
 
@@ -270,12 +270,13 @@ def finite_or_none(value):
     return value
 
 
-def _flatten(row: dict, prefix: str = "") -> dict:
+def flatten_dict(row: dict, sep: str = "/", prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined by ``sep`` (TensorBoard tags: loss_per_task/asr)."""
     out = {}
     for k, v in row.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
+            out.update(flatten_dict(v, sep, key + sep))
         else:
             out[key] = v
     return out

@@ -407,24 +407,30 @@ def _scan_shard(url: str) -> dict:
 NO_EXAMPLE_SHARDS_SHOWN = 5  # shards named in a "no usable example" message; the rest are counted
 
 
-def has_a_member(url: str) -> bool:
-    """The shard opens as a tar with at least one file in it (reads its first header only)."""
+def first_member_problem(url: str) -> str | None:
+    """Why the shard has no first file member to read (reads its first header only): not a
+    readable tar, or a tar with no members; None when it has one."""
     try:
         with _open_stream(url) as stream:
-            return next(iter_tar_members(stream, url), None) is not None
-    except (DamagedTar, OSError, EOFError):
-        return False
+            if next(iter_tar_members(stream, url), None) is None:
+                return "is a tar file with no file members (an empty shard)"
+    except (DamagedTar, OSError, EOFError) as exc:
+        return f"is not a readable tar file ({exc})"
+    return None
+
+
+def has_a_member(url: str) -> bool:
+    """The shard opens as a tar with at least one file in it (reads its first header only)."""
+    return first_member_problem(url) is None
 
 
 def why_shard_has_no_example(url: str) -> str:
     """What is wrong with a shard that yields no example, as a phrase after its URL: not a tar,
     no members, samples none of which has a target (with the first one's problem), or an index
     that counts none of its good samples. Reads the shard."""
-    try:
-        with _open_stream(url) as stream:
-            next(iter_tar_members(stream, url), None)
-    except (DamagedTar, OSError, EOFError) as exc:
-        return f"is not a readable tar file ({exc})"
+    problem = first_member_problem(url)
+    if problem is not None:
+        return problem
     samples, with_targets, first_problem = 0, 0, None
     for sample in iter_tar_samples(url):
         samples += 1

@@ -19,6 +19,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from engine.metrics import flatten_dict
+
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GOLDEN_FORMAT = 1
 UPDATE_ENV = "OMNITRAIN_UPDATE_GOLDEN"
@@ -69,16 +71,9 @@ def step_records(metrics_rows: list[dict]) -> list[dict]:
     return records
 
 
-def flat_config(config: dict, prefix: str = "") -> dict:
+def flat_config(config: dict) -> dict:
     """config.yaml as {dotted key: value}, without the run-specific paths."""
-    out = {}
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_config(value, dotted + "."))
-        elif dotted not in RUN_SPECIFIC_KEYS:
-            out[dotted] = value
-    return out
+    return {key: value for key, value in flatten_dict(config, sep=".").items() if key not in RUN_SPECIFIC_KEYS}
 
 
 def golden_path(name: str) -> Path:
